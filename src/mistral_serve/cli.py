@@ -1,0 +1,83 @@
+"""The `mistral-serve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mistral_serve.settings import Settings
+
+
+def engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help='checkpoint directory, GGUF file, Hugging Face id, or "demo"')
+    parser.add_argument("--allow-download", action="store_true", default=None,
+                        help="download a Hugging Face id that is not in the local cache")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", choices=["int8"], help="weight-only quantization at load time")
+    parser.add_argument("--kv-cache-memory-mb", type=int, help="memory for the paged KV cache")
+    parser.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step at most")
+    parser.add_argument("--max-model-len", type=int, help="context length to serve (default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, help="seed for requests that bring none")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    names = ("model", "allow_download", "device", "dtype", "quantize", "kv_cache_memory_mb", "max_num_seqs",
+             "max_num_batched_tokens", "max_model_len", "seed", "host", "port")
+    return Settings.load({name: getattr(args, name, None) for name in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral-serve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="answer one chat message from the command line")
+    engine_flags(generate)
+    generate.add_argument("message", help="the user message")
+    generate.add_argument("--system", help="a system prompt")
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from mistral_serve.engine.builder import build_engine
+    from mistral_serve.engine.params import SamplingParams
+
+    settings = settings_from(args)
+    engine = build_engine(settings)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.message})
+    prompt = engine.tokenizer.encode_chat(messages)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    engine.add_request("cli", prompt, params)
+    started, first_token_at, num_tokens, reason = time.perf_counter(), None, 0, None
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            first_token_at = first_token_at or time.perf_counter()
+            num_tokens += len(delta.token_ids)
+            reason = delta.finish_reason or reason
+            print(delta.text, end="", flush=True)
+    elapsed = time.perf_counter() - started
+    decode_time = elapsed - (first_token_at - started) if first_token_at else 0.0
+    rate = (num_tokens - 1) / decode_time if num_tokens > 1 and decode_time > 0 else 0.0
+    print(f"\n[{len(prompt)} prompt tokens, {num_tokens} generated, finish: {reason}, "
+          f"first token {first_token_at - started:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # bad settings or checkpoints: one clear line, no traceback
+        print(f"mistral-serve: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Settings → a ready LLMEngine: pick the device and dtype, size the KV cache, load the checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from mistral_serve.engine.engine import EngineConfig, LLMEngine
+from mistral_serve.model.loader import load_model, resolve_checkpoint
+from mistral_serve.settings import Settings
+from mistral_serve.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but this machine has no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=settings.max_model_len,
+        kv_cache_memory=settings.kv_cache_memory_mb << 20,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        seed=settings.seed,
+    )
+
+
+def load_engine(source: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                quantize: str | None = None, config: EngineConfig = EngineConfig(),
+                allow_download: bool = False) -> LLMEngine:
+    """Load a checkpoint (a path, a Hugging Face id from the local cache, or "demo") into an engine."""
+    path = resolve_checkpoint(source, allow_download=allow_download)
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    return LLMEngine(model, load_tokenizer(path), config)
+
+
+def build_engine(settings: Settings) -> LLMEngine:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    return load_engine(settings.model, dtype=dtype, device=str(device), quantize=settings.quantize,
+                       config=engine_config(settings), allow_download=settings.allow_download)

@@ -1,0 +1,221 @@
+"""LLMEngine: requests in, text deltas out, one `step()` at a time.
+
+`step()` = schedule → run → postprocess. Everything here is synchronous and single-threaded;
+`AsyncEngine` (async_engine.py) drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import logging
+
+from mistral_serve.engine.block_manager import BlockManager
+from mistral_serve.engine.params import SamplingParams
+from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
+from mistral_serve.engine.scheduler import Scheduler
+from mistral_serve.engine.sequence import FinishReason, Sequence
+from mistral_serve.engine.text_stream import TextStream
+from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.sampler import SampledToken
+from mistral_serve.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per step; long prompts are prefilled in chunks of this size
+    max_model_len: int | None = None  # None: the checkpoint's context length
+    kv_cache_memory: int = 1 << 30  # bytes for the KV cache
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
+    enable_prefix_caching: bool = True
+    seed: int | None = None  # for requests without a seed
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be at least 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be at least 1")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """What one step added to one choice of a request."""
+
+    request_id: str
+    index: int  # choice index
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None  # None unless the request asked for logprobs
+    finish_reason: str | None  # "stop", "length", "abort"; None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int  # so far, for this choice
+    is_request_finished: bool = False  # every choice of the request has finished
+
+
+class StepError(RuntimeError):
+    """A step failed; the requests it ran have been aborted and are named here."""
+
+    def __init__(self, request_ids: set[str], cause: BaseException):
+        super().__init__(f"engine step failed: {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
+@dataclass
+class _Request:
+    seqs: list[Sequence]
+    streams: dict[int, TextStream] = field(default_factory=dict)  # by seq_id
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        model_config = model.config
+        dtype = model.embed_tokens.weight.dtype
+        num_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_memory // kv_cache_bytes_per_block(model_config, config.block_size, dtype))
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        # a sequence may never need more blocks than exist, or it could not run even alone
+        self.max_seq_len = min(self.max_model_len, num_blocks * config.block_size)
+        eos = frozenset(tokenizer.eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=eos)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
+                                  eos_token_ids=eos, seed=config.seed)
+        self.requests: dict[str, _Request] = {}
+
+    # requests
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, changing nothing, for a request this engine cannot run."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab_size = self.model.config.vocab_size
+        if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        if len(prompt_token_ids) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
+                             f"{self.max_seq_len}, with room for at least one generated token")
+        bad_ids = [t for t in [*params.logit_bias, *params.stop_token_ids] if t >= vocab_size]
+        if bad_ids:
+            raise ValueError(f"token id {bad_ids[0]} is out of the vocabulary (size {vocab_size})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        leader = None
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(request_id, index, prompt_token_ids, params, self.max_seq_len, leader=leader)
+            leader = leader or seq
+            seqs.append(seq)
+        request = _Request(seqs)
+        for seq in seqs:
+            request.streams[seq.seq_id] = TextStream(self._detokenizer(), params.stop)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def _detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer)
+
+    def abort_request(self, request_id: str) -> list[CompletionDelta]:
+        """Stop the request now and free its blocks; returns the final delta of each open choice."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return []
+        deltas = []
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+                deltas.append(self._delta(request, seq, "", (), None))
+        self._may_forget(request_id)
+        return deltas
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # the step
+
+    def step(self) -> list[CompletionDelta]:
+        batch = self.scheduler.schedule()
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as error:  # fail only the requests in this step; the engine stays up
+            failed = {item.seq.request_id for item in batch}
+            for request_id in failed:
+                self.abort_request(request_id)
+            raise StepError(failed, error) from error
+        self.scheduler.postprocess(batch, [s.token_id if s else None for s in sampled])
+        deltas = []
+        for item, token in zip(batch, sampled):
+            if token is not None and item.seq.request_id in self.requests:
+                deltas.append(self._on_token(item.seq, token))
+        for request_id in {delta.request_id for delta in deltas}:
+            self._may_forget(request_id)
+        return deltas
+
+    def _on_token(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
+        request = self.requests[seq.request_id]
+        stream = request.streams[seq.seq_id]
+        text = stream.push(token.token_id)
+        if stream.is_stopped and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
+        if seq.is_finished:
+            text += stream.finish()
+        logprobs = None
+        if seq.params.logprobs:
+            logprobs = (TokenLogprob(token.token_id, token.logprob, token.top_logprobs),)
+        return self._delta(request, seq, text, (token.token_id,), logprobs)
+
+    def _delta(self, request: _Request, seq: Sequence, text: str, token_ids, logprobs) -> CompletionDelta:
+        if seq.is_finished:
+            self.runner.release(seq)
+        return CompletionDelta(
+            request_id=seq.request_id, index=seq.index, text=text, token_ids=tuple(token_ids),
+            logprobs=logprobs if seq.params.logprobs else None,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens, is_request_finished=request.is_finished)
+
+    def _may_forget(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None and request.is_finished:
+            del self.requests[request_id]
+
+    # state, for metrics and tests
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_kv_blocks_total(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_kv_blocks_used(self) -> int:
+        return self.block_manager.num_used_blocks

@@ -1,0 +1,129 @@
+"""ModelRunner: the one place where the scheduler's Python lists become tensors.
+
+It owns the KV cache, lays one step out as a flat token batch (decodes first, then prefill
+chunks), runs the model and the sampler, and hands back one token per sequence that samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mistral_serve.engine.scheduler import ScheduledSequence
+from mistral_serve.engine.sequence import Sequence
+from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
+from mistral_serve.model.config import ModelConfig
+from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.sampler import SampledToken, Sampler, SamplingRow
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, eos_token_ids: frozenset[int],
+                 seed: int | None = None):
+        self.model = model
+        self.config = model.config
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = model.embed_tokens.weight.dtype
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(self.config.num_layers)]
+        self.sampler = Sampler(seed)
+        self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSequence]) -> list[SampledToken | None]:
+        """One forward pass over the batch; a sampled token for each sequence that reached its end."""
+        if not batch:
+            return []
+        # decodes first: the attention batches them, and prefill chunks follow one by one
+        order = sorted(range(len(batch)), key=lambda i: batch[i].num_new_tokens != 1)
+        items = [batch[i] for i in order]
+        token_ids, positions, meta, logits_indices = self.prepare_inputs(items)
+        logits = self.model(token_ids, positions, self.kv_caches, meta, logits_indices)
+        sampling_items = [item for item in items if item.samples_token]
+        sampled = iter(self.sampler(logits, [self._sampling_row(item.seq) for item in sampling_items])
+                       if sampling_items else [])
+        results_in_order = [next(sampled) if item.samples_token else None for item in items]
+        results: list[SampledToken | None] = [None] * len(batch)
+        for position, index in enumerate(order):
+            results[index] = results_in_order[position]
+        return results
+
+    def prepare_inputs(self, items: list[ScheduledSequence]):
+        """Token ids, positions, attention metadata and the rows to take logits from.
+        Decodes (one new token) must come before prefill chunks in `items`."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for item in items:
+            seq, start, count = item.seq, item.start_position, item.num_new_tokens
+            first = len(token_ids)
+            token_ids += seq.token_ids[start:start + count]
+            positions += range(start, start + count)
+            table = seq.block_table
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(start, start + count)]
+            if count == 1:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(PrefillChunk(first, count, start, self._tensor(table)))
+            if item.samples_token:
+                logits_indices.append(len(token_ids) - 1)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decodes=len(decode_tables),
+            decode_block_tables=self._padded(decode_tables) if decode_tables else None,
+            decode_context_lens=self._tensor(decode_lens) if decode_lens else None,
+            prefills=tuple(prefills),
+            sliding_window=self.config.sliding_window,
+        )
+        return self._tensor(token_ids), self._tensor(positions), meta, self._tensor(logits_indices)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(table) for table in tables)
+        return self._tensor([table + [0] * (width - len(table)) for table in tables])
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_output_tokens < params.min_tokens:
+            banned = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
+        return SamplingRow(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+            banned_token_ids=banned, num_logprobs=params.num_logprobs,
+            generator=self._generator(seq),
+            prompt_token_ids=seq.prompt_token_ids if params.repetition_penalty != 1.0 else (),
+            output_token_ids=seq.output_token_ids if params.has_penalties else (),
+        )
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None or seq.params.is_greedy:
+            return None
+        generator = self.generators.get(seq.seq_id)
+        if generator is None:
+            # each choice of an n > 1 request gets its own, reproducible stream
+            generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+            self.generators[seq.seq_id] = generator
+        return generator
+
+    def release(self, seq: Sequence) -> None:
+        """Forget per-sequence state once the sequence has finished."""
+        self.generators.pop(seq.seq_id, None)

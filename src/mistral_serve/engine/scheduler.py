@@ -1,0 +1,145 @@
+"""Scheduler: the continuous-batching policy. Pure Python, no tensors.
+
+Every step gets a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running sequences go first, oldest first: a decode costs one token, an unfinished prompt takes
+the next chunk that fits. Then waiting sequences are admitted in arrival order, their cached
+prefix taken from the prefix cache and their prompt chunked to fit what is left of the budget.
+When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from mistral_serve.engine.block_manager import BlockManager
+from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    seq: Sequence
+    start_position: int  # seq.num_computed_tokens when scheduled
+    num_new_tokens: int  # tokens fed this step: seq.token_ids[start_position:start_position + num_new_tokens]
+    samples_token: bool  # the step reaches the end of the sequence, so a new token comes out
+
+
+def _scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+    start = seq.num_computed_tokens
+    return ScheduledSequence(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: frozenset[int]):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start, for metrics
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        # running sequences: decodes and prompts already part-way through
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(_scheduled(seq, num_new))
+                budget -= num_new
+                i += 1
+        # waiting sequences, in arrival order, while nothing had to be preempted
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return scheduled
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.can_start():  # an n > 1 sibling waits for its leader's prompt
+                skipped.append(self.waiting.popleft())
+                continue
+            cached_block_ids = self.block_manager.find_cached_prefix(seq)
+            num_cached = len(cached_block_ids) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(seq, num_new, cached_block_ids):
+                break
+            self.waiting.popleft()
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(_scheduled(seq, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, scheduled: list[ScheduledSequence], sampled_token_ids: list[int | None]) -> None:
+        """Advance each scheduled sequence by the tokens it fed; append sampled tokens and stop
+        the sequences that hit a token-level limit (EOS, a stop token, max_tokens, the context)."""
+        for item, token_id in zip(scheduled, sampled_token_ids):
+            seq = item.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if token_id is None:
+                continue
+            seq.append_token(token_id)
+            reason = self._token_finish_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+
+    def _token_finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params  # the sampler keeps these tokens out until min_tokens are out
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if token_id in self.eos_token_ids and not params.ignore_eos:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= seq.max_output_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End the sequence now and give its blocks back."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

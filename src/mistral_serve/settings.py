@@ -1,0 +1,73 @@
+"""Settings: one frozen object, from command-line flags over MISTRAL_SERVE_* variables over defaults.
+
+Built once, in the CLI; everything else receives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "MISTRAL_SERVE_"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "mistral-serve"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = default_data_dir()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "demo"  # a checkpoint path, a Hugging Face id (offline cache) or "demo"
+    allow_download: bool = False
+    device: str = "auto"  # "auto": CUDA when there, else CPU
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    quantize: str | None = None  # None or "int8"
+    kv_cache_memory_mb: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be 'int8' or unset, got {self.quantize!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.kv_cache_memory_mb < 1:
+            raise ValueError("kv_cache_memory_mb must be at least 1")
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Defaults, then MISTRAL_SERVE_<FIELD> variables, then explicit overrides (flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field.name, raw, field.type)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return replace(cls(), **values)
+
+
+def _parse(name: str, raw: str, annotation: str) -> Any:
+    try:
+        if "Path" in annotation:
+            return Path(raw).expanduser()
+        if annotation.startswith("bool"):
+            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        if annotation.startswith("int"):
+            return None if raw == "" and "None" in annotation else int(raw)
+        return None if raw == "" and "None" in annotation else raw
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: cannot read {raw!r} as {annotation}") from None
