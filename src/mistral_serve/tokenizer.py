@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from functools import cached_property
 from itertools import groupby
 from pathlib import Path
 import hashlib
@@ -20,9 +19,9 @@ import string
 from typing import Any
 
 from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
-from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV3
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -145,10 +144,13 @@ _REQUEST_MODEL = "served-model"
 
 
 class MistralCommonTokenizer(ChatTokenizer):
-    """A Mistral checkpoint's own tokenizer file, with mistral-common's prompt format and validation."""
+    """A Mistral checkpoint's own tokenizer file, with mistral-common's prompt format and validation.
+
+    `mistral` is mistral-common's tokenizer, for what needs it whole (a grammar engine, tool calls).
+    """
 
     def __init__(self, mistral: MistralTokenizer):
-        self._mistral = mistral
+        self.mistral = mistral
         self._tokenizer: SentencePieceTokenizer | Tekkenizer = mistral.instruct_tokenizer.tokenizer
         self.version: TokenizerVersion = mistral.version
         self.vocab_size = self._tokenizer.n_words
@@ -173,7 +175,7 @@ class MistralCommonTokenizer(ChatTokenizer):
         try:
             request = ChatCompletionRequest.from_openai(
                 [_with_mistral_ids(m) for m in messages], tools=tools or None, model=_REQUEST_MODEL)
-            return self._mistral.encode_chat_completion(request).tokens
+            return self.mistral.encode_chat_completion(request).tokens
         except (MistralCommonException, ValueError) as e:
             raise ChatTemplateError(_reason(e)) from e
 
@@ -240,12 +242,15 @@ _PROBE_REPLY = "mistral-serve probe reply"
 
 
 class HFTokenizer(ChatTokenizer):
-    """A Hugging Face tokenizer (directory or GGUF metadata) and the checkpoint's chat template."""
+    """A Hugging Face tokenizer (directory or GGUF metadata) and the checkpoint's chat template.
+
+    `hf` is the transformers tokenizer, for what needs it whole (a grammar engine).
+    """
 
     def __init__(self, hf: Any, *, source: Path, extra_eos_token_ids: Iterable[int] = ()):
-        self._hf = hf
+        self.hf = hf
         try:
-            template = hf.get_chat_template(tools=[])
+            template = hf.get_chat_template(tools=[])  # the one used when tools are given
         except ValueError as e:
             raise TokenizerError(f"{source}: the tokenizer has no usable chat template ({e})") from e
         self.vocab_size = len(hf)
@@ -279,7 +284,7 @@ class HFTokenizer(ChatTokenizer):
             raise ChatTemplateError("this model does not support tools")
         try:
             # sanitize: control tokens written in message text stay text, only the template's count
-            ids = self._hf.apply_chat_template(
+            ids = self.hf.apply_chat_template(
                 [_hf_message(m) for m in messages], tools=tools or None, add_generation_prompt=True,
                 tokenize=True, return_dict=False, sanitize_control_tokens=True)
         except (TemplateError, ValueError) as e:
@@ -287,15 +292,15 @@ class HFTokenizer(ChatTokenizer):
         return list(ids)
 
     def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False)
+        return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         # no clean-up of spaces: it makes a text's decoding differ from the sum of its parts'
-        return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens,
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens,
                                clean_up_tokenization_spaces=False)
 
     def token_bytes(self, token_id: int) -> bytes:
-        token = self._hf.convert_ids_to_tokens(int(token_id))
+        token = self.hf.convert_ids_to_tokens(int(token_id))
         if token_id in self._added_ids:
             return token.encode()
         if self._is_byte_level:
@@ -314,13 +319,13 @@ class HFTokenizer(ChatTokenizer):
 
         probe = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _PROBE_REPLY}]
         try:
-            text = self._hf.apply_chat_template(probe, tokenize=False)
+            text = self.hf.apply_chat_template(probe, tokenize=False)
         except (TemplateError, ValueError, TypeError):
             return set()
         if _PROBE_REPLY not in text:
             return set()
         after = text.rpartition(_PROBE_REPLY)[2].lstrip()
-        names = {self._hf.convert_ids_to_tokens(i): i for i in self._special_ids}
+        names = {self.hf.convert_ids_to_tokens(i): i for i in self._special_ids}
         matches = [name for name in names if after.startswith(name)]
         return {names[max(matches, key=len)]} if matches else set()
 
@@ -348,6 +353,8 @@ def _generation_config_eos_ids(directory: Path) -> set[int]:
 def _hf_message(message: dict) -> dict:
     """OpenAI's message shape → what chat templates expect: string content, arguments as objects."""
     message = dict(message)
+    if message["role"] == "developer":
+        message["role"] = "system"
     if isinstance(message.get("content"), list):
         message["content"] = "\n".join(part["text"] for part in message["content"])
     if isinstance(message.get("tool_calls"), list):
