@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 
 from mistral_serve.settings import Settings
 
 
-def engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help='checkpoint directory, GGUF file, Hugging Face id, or "demo"')
+def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = False) -> None:
+    if serves_many_models:
+        parser.add_argument("--model", dest="models", action="append", metavar="ID=PATH", default=[],
+                            help="serve the checkpoint PATH (directory, GGUF file, Hugging Face id or \"demo\") "
+                                 "as model ID; repeatable (default: the demo model)")
+    else:
+        parser.add_argument("--model", help='checkpoint directory, GGUF file, Hugging Face id, or "demo"')
     parser.add_argument("--allow-download", action="store_true", default=None,
                         help="download a Hugging Face id that is not in the local cache")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -41,7 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.set_defaults(run=run_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    engine_flags(serve, serves_many_models=True)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.set_defaults(run=run_serve)
     return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mistral_serve.api.app import create_app
+    from mistral_serve.catalog import DEMO_MODEL_ID, DEMO_MODEL_SOURCE, card_for, parse_model_spec
+    from mistral_serve.engine.async_engine import AsyncEngine
+    from mistral_serve.engine.builder import build_engine
+
+    settings = settings_from(args)
+    specs = [parse_model_spec(spec) for spec in args.models] or [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
+    engines = {}
+    for model_id, source in specs:
+        if model_id in engines:
+            raise ValueError(f"--model {model_id} is given twice")
+        print(f"loading {model_id} from {source}", file=sys.stderr)
+        # a known model is served up to its documented context, never beyond
+        max_model_len = settings.max_model_len or card_for(model_id).context_length
+        model_settings = replace(settings, model=source, max_model_len=max_model_len)
+        engines[model_id] = AsyncEngine(build_engine(model_settings))
+    uvicorn.run(create_app(settings, engines), host=settings.host, port=settings.port, log_level="info")
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -34,51 +34,6 @@ def engine(demo_path):
         max_num_seqs=32, max_num_batched_tokens=256, kv_cache_memory=256 << 20, seed=1234))
 
 
-def prompt(engine, question):
-    return engine.tokenizer.encode_chat([{"role": "user", "content": question}])
-
-
-def run_alone(engine, prompt_ids, params):
-    engine.add_request("alone", prompt_ids, params)
-    text, tokens, reason = "", [], None
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            text += delta.text
-            tokens += delta.token_ids
-            reason = delta.finish_reason or reason
-    return text, tokens, reason
-
-
-def test_demo_model_knows_the_capital_of_france(engine):
-    text, _, reason = run_alone(engine, prompt(engine, QUESTIONS[0]), SamplingParams(temperature=0, max_tokens=40))
-    assert "Paris" in text
-    assert reason in ("stop", "length")
-
-
-def test_greedy_tokens_match_transformers_on_the_same_gguf(engine, demo_path):
-    transformers = pytest.importorskip("transformers")
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        demo_path.parent, gguf_file=demo_path.name, torch_dtype=torch.float32).eval()
-    for question in QUESTIONS:
-        ids = prompt(engine, question)
-        _, ours, _ = run_alone(engine, ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-        with torch.no_grad():
-            expected = reference.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24,
-                                          do_sample=False)[0, len(ids):].tolist()
-        assert ours == expected, question
-
-
-def collect(async_engine, prompt_ids, params, delay=0.0):
-    async def go():
-        await asyncio.sleep(delay)
-        text, tokens = "", []
-        async for delta in async_engine.generate(prompt_ids, params):
-            text += delta.text
-            tokens += delta.token_ids
-        return text, tokens
-    return go()
-
-
 @pytest.fixture(scope="module")
 def async_engine(engine):
     runner = AsyncEngine(engine)
@@ -87,11 +42,62 @@ def async_engine(engine):
     runner.shutdown()
 
 
+def prompt(engine, question):
+    return engine.tokenizer.encode_chat([{"role": "user", "content": question}])
+
+
+async def gather_deltas(async_engine, prompt_ids, params, delay=0.0, request_id=None):
+    await asyncio.sleep(delay)
+    return [delta async for delta in async_engine.generate(prompt_ids, params, request_id=request_id)]
+
+
+def run_alone(async_engine, prompt_ids, params):
+    """(text, token ids, finish reason) of one request with nothing else running."""
+    deltas = asyncio.run(gather_deltas(async_engine, prompt_ids, params))
+    reasons = [d.finish_reason for d in deltas if d.finish_reason]
+    return "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], reasons[-1]
+
+
+def text_and_tokens(deltas):
+    return "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids]
+
+
+def test_demo_model_knows_the_capital_of_france(engine, async_engine):
+    text, _, reason = run_alone(async_engine, prompt(engine, QUESTIONS[0]), SamplingParams(temperature=0, max_tokens=40))
+    assert "Paris" in text
+    assert reason in ("stop", "length")
+
+
+def test_greedy_tokens_match_transformers_on_the_same_gguf(engine, async_engine, demo_path):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        demo_path.parent, gguf_file=demo_path.name, dtype=torch.float32).eval()
+    eos = engine.tokenizer.eos_token_ids
+    for question in QUESTIONS:
+        ids = prompt(engine, question)
+        _, ours, _ = run_alone(async_engine, ids, SamplingParams(temperature=0, max_tokens=32))
+        with torch.no_grad():
+            generated = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                           eos_token_id=sorted(eos))[0, len(ids):].tolist()
+        expected = []
+        for token in generated:  # up to and including the first end-of-sequence token
+            expected.append(token)
+            if token in eos:
+                break
+        assert ours == expected, question
+
+
+def collect(async_engine, prompt_ids, params, delay=0.0):
+    async def go():
+        return text_and_tokens(await gather_deltas(async_engine, prompt_ids, params, delay))
+    return go()
+
+
 def test_staggered_concurrent_greedy_requests_equal_each_request_alone(engine, async_engine):
     rng = random.Random(0)
     prompts = [prompt(engine, f"{rng.choice(QUESTIONS)} Answer number {i}.") for i in range(16)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    alone = [run_alone(engine, p, params)[1] for p in prompts]
+    alone = [run_alone(async_engine, p, params)[1] for p in prompts]
 
     async def together():
         return await asyncio.gather(*(collect(async_engine, p, params, delay=0.05 * i)
@@ -152,24 +158,23 @@ def test_every_block_is_free_after_finishing_aborting_and_cancelling(engine, asy
     assert not engine.has_unfinished_requests()
 
 
-def test_stop_strings_are_cut_even_across_tokens_and_not_returned(engine):
+def test_stop_strings_are_cut_even_across_tokens_and_not_returned(engine, async_engine):
     ids = prompt(engine, "Count from 1 to 20, separated by commas.")
-    full, _, _ = run_alone(engine, ids, SamplingParams(temperature=0, max_tokens=60))
+    full, _, _ = run_alone(async_engine, ids, SamplingParams(temperature=0, max_tokens=60))
     assert "5" in full
     stop = full[full.index("5"):full.index("5") + 3]  # likely spans more than one token
-    text, _, reason = run_alone(engine, ids, SamplingParams(temperature=0, max_tokens=60, stop=(stop,)))
+    text, _, reason = run_alone(async_engine, ids, SamplingParams(temperature=0, max_tokens=60, stop=(stop,)))
     assert reason == "stop"
     assert text == full[:full.index(stop)]
 
 
-def test_n_choices_share_the_prompt_blocks_and_report_cached_tokens(engine):
+def test_n_choices_share_the_prompt_blocks_and_report_cached_tokens(engine, async_engine):
     ids = prompt(engine, "Name a colour. " * 10)
-    engine.add_request("n3", ids, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8))
+    deltas = asyncio.run(gather_deltas(async_engine, ids, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8)))
     cached, texts = {}, {0: "", 1: "", 2: ""}
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            cached[delta.index] = delta.num_cached_tokens
-            texts[delta.index] += delta.text
+    for delta in deltas:
+        cached[delta.index] = delta.num_cached_tokens
+        texts[delta.index] += delta.text
     block_size = engine.config.block_size
     assert cached[0] == 0 or cached[0] >= block_size  # the leader may hit earlier tests' cache
     assert cached[1] >= (len(ids) - 1) // block_size * block_size
@@ -178,13 +183,10 @@ def test_n_choices_share_the_prompt_blocks_and_report_cached_tokens(engine):
     assert engine.num_kv_blocks_used == 0
 
 
-def test_logprobs_are_reported_for_each_token(engine):
+def test_logprobs_are_reported_for_each_token(engine, async_engine):
     ids = prompt(engine, QUESTIONS[0])
-    engine.add_request("lp", ids, SamplingParams(temperature=0, max_tokens=4, logprobs=True, top_logprobs=3))
-    entries = []
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            entries += delta.logprobs
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+    entries = [entry for delta in asyncio.run(gather_deltas(async_engine, ids, params)) for entry in delta.logprobs]
     assert len(entries) == 4
     for entry in entries:
         assert len(entry.top_logprobs) == 3

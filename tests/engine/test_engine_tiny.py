@@ -107,3 +107,29 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_keeps_going(model
     engine.runner.run = original
     tokens, _, reasons = run(engine, [("fine", prompts(1)[0], SamplingParams(temperature=0, max_tokens=4))])
     assert len(tokens["fine"]) == 4
+
+
+def test_every_choice_of_an_n_request_streams_to_its_end_through_the_async_engine(model):
+    import asyncio
+
+    from mistral_serve.engine.async_engine import AsyncEngine
+
+    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
+    runner = AsyncEngine(engine)
+    runner.start()
+
+    async def collect():
+        counts, reasons = {}, {}
+        async for delta in runner.generate(prompts(1)[0], SamplingParams(n=3, temperature=0, max_tokens=5,
+                                                                          ignore_eos=True)):
+            counts[delta.index] = counts.get(delta.index, 0) + len(delta.token_ids)
+            if delta.finish_reason:
+                reasons[delta.index] = delta.finish_reason
+        return counts, reasons
+    try:
+        counts, reasons = asyncio.run(collect())
+    finally:
+        runner.shutdown()
+    # the three choices finish in the same step: each must still deliver its last token
+    assert counts == {0: 5, 1: 5, 2: 5}
+    assert reasons == {0: "length", 1: "length", 2: "length"}

@@ -50,6 +50,7 @@ class AsyncEngine:
 
     def start(self) -> None:
         if self._thread is None:
+            self._is_stopping = False
             self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
             self._thread.start()
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import logging
 
 from mistral_serve.engine.block_manager import BlockManager
@@ -147,9 +147,8 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
-                deltas.append(self._delta(request, seq, "", (), None))
-        self._may_forget(request_id)
-        return deltas
+                deltas.append(self._delta(seq, "", (), None))
+        return self._mark_finished_requests(deltas) if deltas else []
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -170,8 +169,15 @@ class LLMEngine:
         for item, token in zip(batch, sampled):
             if token is not None and item.seq.request_id in self.requests:
                 deltas.append(self._on_token(item.seq, token))
-        for request_id in {delta.request_id for delta in deltas}:
-            self._may_forget(request_id)
+        return self._mark_finished_requests(deltas)
+
+    def _mark_finished_requests(self, deltas: list[CompletionDelta]) -> list[CompletionDelta]:
+        """Flag the last delta of each request that is now over, and forget that request."""
+        last_index = {delta.request_id: i for i, delta in enumerate(deltas)}
+        for request_id, i in last_index.items():
+            if self.requests[request_id].is_finished:
+                deltas[i] = replace(deltas[i], is_request_finished=True)
+                del self.requests[request_id]
         return deltas
 
     def _on_token(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
@@ -185,9 +191,9 @@ class LLMEngine:
         logprobs = None
         if seq.params.logprobs:
             logprobs = (TokenLogprob(token.token_id, token.logprob, token.top_logprobs),)
-        return self._delta(request, seq, text, (token.token_id,), logprobs)
+        return self._delta(seq, text, (token.token_id,), logprobs)
 
-    def _delta(self, request: _Request, seq: Sequence, text: str, token_ids, logprobs) -> CompletionDelta:
+    def _delta(self, seq: Sequence, text: str, token_ids, logprobs) -> CompletionDelta:
         if seq.is_finished:
             self.runner.release(seq)
         return CompletionDelta(
@@ -195,12 +201,7 @@ class LLMEngine:
             logprobs=logprobs if seq.params.logprobs else None,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens, is_request_finished=request.is_finished)
-
-    def _may_forget(self, request_id: str) -> None:
-        request = self.requests.get(request_id)
-        if request is not None and request.is_finished:
-            del self.requests[request_id]
+            num_output_tokens=seq.num_output_tokens)
 
     # state, for metrics and tests
 

@@ -1,0 +1,76 @@
+"""Dependencies the routes declare: the serving state, readiness, the API key seam, the chat body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from pydantic import ValidationError
+
+from mistral_serve.api.errors import APIError, from_validation_error
+from mistral_serve.api.protocol import ChatCompletionRequest
+from mistral_serve.catalog import Catalog
+from mistral_serve.settings import Settings
+
+MAX_BODY_BYTES = 4 << 20  # a 32k-token conversation is far smaller
+RETRY_AFTER_SECONDS = "5"
+
+
+@dataclass
+class ServingState:
+    settings: Settings
+    catalog: Catalog
+    is_ready: bool = False  # the engines are running
+
+
+def get_serving_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(get_serving_state)]
+
+
+def require_ready(state: State) -> None:
+    if not state.is_ready:
+        raise APIError(503, "The server is starting or stopping; try again shortly.",
+                       headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+Ready = Annotated[None, Depends(require_ready)]
+
+
+async def current_key(request: Request) -> None:
+    """The seam for API keys: where `Authorization: Bearer <key>` will be checked against the key table
+    (hash, look up, enabled, within limits) and the key's row returned. There is no key table yet, so
+    no request is authenticated: every request is let through."""
+    return None
+
+
+CurrentKey = Annotated[None, Depends(current_key)]
+
+
+async def read_chat_request(request: Request) -> ChatCompletionRequest:
+    """The body as a ChatCompletionRequest: JSON only (415), bounded (413), strictly validated (400)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    try:
+        return ChatCompletionRequest.model_validate_json(bytes(body))
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+
+
+def _too_large() -> APIError:
+    return APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+
+
+ChatRequest = Annotated[ChatCompletionRequest, Depends(read_chat_request)]

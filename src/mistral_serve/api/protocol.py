@@ -1,0 +1,281 @@
+"""The chat API's data models, in OpenAI's field order; our extensions are fenced and marked.
+
+Requests are validated strictly (JSON types as the schema says, no unknown fields), so the JSON
+Schema these models produce is exactly what the server accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mistral_serve.engine.params import SamplingParams
+
+MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+_SMALLEST_TOP_P = 1e-9
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# messages
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+Content = Union[str, list[TextPart]]
+
+
+class SystemMessage(_Request):
+    content: Content
+    role: Literal["system"]
+    name: str | None = None
+
+
+class UserMessage(_Request):
+    content: Content
+    role: Literal["user"]
+    name: str | None = None
+
+
+class AssistantMessage(_Request):
+    content: Content | None = None
+    refusal: str | None = None
+    role: Literal["assistant"]
+    name: str | None = None
+
+
+class ToolMessage(_Request):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
+
+
+class ResponseFormatText(_Request):
+    type: Literal["text"]
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,12}$")]  # logit_bias keys: token ids, as strings
+
+
+def _schema_as_validated(schema: dict) -> None:
+    """Say in the JSON Schema what validation checks beyond the fields' types: logit_bias takes no
+    other keys than token ids, and the rules of `_consistent`."""
+    for branch in schema["properties"]["logit_bias"]["anyOf"]:
+        if "patternProperties" in branch:
+            branch["additionalProperties"] = False
+    def needs(field: str, when: dict, then: dict) -> dict:
+        return {"if": {"properties": {field: when}, "required": [field]}, "then": then}
+    schema["allOf"] = [
+        needs("top_logprobs", {"type": "integer", "minimum": 1},
+              {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}),
+        needs("stream_options", {"type": "object"},
+              {"properties": {"stream": {"const": True}}, "required": ["stream"]}),
+        {"not": {"required": ["max_tokens", "max_completion_tokens"],
+                 "properties": {"max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"}}}},
+    ]
+
+
+class ChatCompletionRequest(_Request):
+    model_config = ConfigDict(json_schema_extra=_schema_as_validated)
+
+    messages: list[Message] = Field(min_length=1)
+    model: str
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[TokenIdKey, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormatText | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=1.0, ge=0.0, le=1.0)
+    user: str | None = None
+    # --- extensions (not OpenAI's; accepted by other hosted providers) ---
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    # --- end of extensions ---
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("max_tokens and max_completion_tokens are the same limit; send one of them")
+        return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's parameters for this request (raises ValueError for values the engine refuses)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            n=self.n if self.n is not None else 1,
+            max_tokens=self.max_new_tokens,
+            temperature=self.temperature if self.temperature is not None else 1.0,
+            top_p=max(self.top_p if self.top_p is not None else 1.0, _SMALLEST_TOP_P),  # top_p 0: the top token
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else 1.0,
+            logit_bias={int(token_id): bias for token_id, bias in (self.logit_bias or {}).items()},
+            seed=self.seed,
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+            stop=stop,
+        )
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def is_usage_streamed(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# responses
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ResponseMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[dict] = Field(default_factory=list)
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+class Choice(_Response):
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+# errors
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+# models
+
+class ModelCapabilities(_Response):
+    chat_completions: bool = True
+    streaming: bool = True
+    logprobs: bool = True
+    tools: bool
+    json_mode: bool = False
+
+
+class ModelObject(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # --- extensions (not OpenAI's) ---
+    display_name: str
+    description: str
+    context_length: int
+    capabilities: ModelCapabilities
+    quantization: str | None
+    json_request_schema: dict
+    # --- end of extensions ---
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

@@ -1,0 +1,144 @@
+"""Fixtures for the HTTP API: a tiny random Mistral behind a byte tokenizer, apps, a live server,
+and OpenAI's published schemas to check what we send."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import threading
+import time
+
+from fastapi.testclient import TestClient
+import jsonschema
+import pytest
+import uvicorn
+import yaml
+
+from mistral_serve.api.app import create_app
+from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.engine import EngineConfig, LLMEngine
+from mistral_serve.settings import Settings
+from mistral_serve.tokenizer import ChatTemplateError
+from tests.engine.test_engine_tiny import ByteTokenizer
+from tests.model.test_paged_numerics import mistral_config, reference_and_ours
+
+MODEL_ID = "mistralai/Mistral-7B-Instruct-v0.3"
+CONTEXT_LENGTH = 1024
+NO_EOS = {"0": -100}  # logit_bias that keeps the byte tokenizer's EOS (id 0) from ending a reply early
+OPENAI_SPEC = Path(__file__).with_name("openai-openapi.yaml")
+
+
+class ChatByteTokenizer(ByteTokenizer):
+    """The byte tokenizer with a chat format: "<role>text" per message; a conversation must end with
+    a user or tool message, as Mistral's format requires."""
+
+    def encode_chat(self, messages, tools=None):
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise ChatTemplateError("the last message must be from the user or a tool")
+        return self.encode("".join(f"<{m['role']}>{_text(m.get('content'))}" for m in messages))
+
+
+def _text(content) -> str:
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH))[1]
+
+
+@pytest.fixture(scope="session")
+def make_engine(tiny_model):
+    def make() -> LLMEngine:
+        return LLMEngine(tiny_model, ChatByteTokenizer(), EngineConfig(block_size=16, num_kv_blocks=128, seed=0))
+    return make
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine()
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    return create_app(Settings(), {MODEL_ID: AsyncEngine(engine)})
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def live_url(app):
+    """The app under a real uvicorn on a free loopback port."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def chat(**fields) -> dict:
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello"}]}
+    body.update(fields)
+    return body
+
+
+def sse_events(text: str) -> list:
+    """The data of each event; "[DONE]" stays a string."""
+    import json
+
+    events = [block.removeprefix("data: ") for block in text.split("\n\n") if block.strip()]
+    return [event if event == "[DONE]" else json.loads(event) for event in events]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# OpenAI's schemas (OpenAPI 3.x: `nullable: true` becomes a union with null for JSON Schema)
+
+def _without_nullable(node):
+    if isinstance(node, list):
+        return [_without_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _without_nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False):
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@pytest.fixture(scope="session")
+def openai_schema():
+    """validate(name, instance): raise unless `instance` is a valid components.schemas[name]."""
+    with OPENAI_SPEC.open() as file:
+        spec = yaml.load(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    components = _without_nullable(spec["components"])
+    validators = {}
+
+    def validate(name: str, instance) -> None:
+        if name not in validators:
+            validators[name] = jsonschema.Draft202012Validator(
+                {"$ref": f"#/components/schemas/{name}", "components": components})
+        validators[name].validate(instance)
+    return validate
