@@ -45,7 +45,7 @@ def _text(content) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    return reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH))[1]
+    return reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH, vocab_size=256))[1]
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 from mistral_serve.api.app import create_app
 from mistral_serve.catalog import DEMO_MODEL_ID
 from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.builder import load_engine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
 from tests.api.conftest import sse_events
@@ -15,15 +16,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def demo_engine():
-    loader = pytest.importorskip("mistral_serve.model.loader")
-    from mistral_serve.engine.builder import load_engine
-
-    try:
-        path = loader.find_demo_gguf()
-    except loader.CheckpointError as error:
-        pytest.skip(f"demo model not installed: {error}")
-    return load_engine(str(path), config=EngineConfig(kv_cache_memory=64 << 20, max_num_batched_tokens=256))
+def demo_engine(demo_path):
+    return load_engine(str(demo_path), config=EngineConfig(kv_cache_memory=64 << 20, max_num_batched_tokens=256))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.engine.builder import load_engine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.engine.params import SamplingParams
-from mistral_serve.model.loader import CheckpointError, find_demo_gguf
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -18,14 +17,6 @@ QUESTIONS = [
     "List three prime numbers.",
     "Explain what a CPU does in one sentence.",
 ]
-
-
-@pytest.fixture(scope="module")
-def demo_path():
-    try:
-        return find_demo_gguf()
-    except CheckpointError as error:
-        pytest.skip(f"demo model not installed: {error}")
 
 
 @pytest.fixture(scope="module")

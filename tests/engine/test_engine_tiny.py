@@ -35,7 +35,7 @@ class ByteTokenizer(ChatTokenizer):
 
 @pytest.fixture(scope="module")
 def model():
-    return reference_and_ours(mistral_config())[1]
+    return reference_and_ours(mistral_config(vocab_size=ByteTokenizer.vocab_size))[1]
 
 
 def run(engine, requests):

@@ -10,7 +10,6 @@ Tolerance: 1e-4 absolute on float32 logits.
 
 import pytest
 import torch
-import transformers
 
 from mistral_serve.engine.block_manager import BlockManager
 from mistral_serve.engine.params import SamplingParams
@@ -18,42 +17,47 @@ from mistral_serve.engine.runner import ModelRunner
 from mistral_serve.engine.scheduler import Scheduler
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.model.config import ModelConfig
+from mistral_serve.model.loader import load_model
 from mistral_serve.model.mistral import Transformer
+from tests.checkpoints import (hf_state_dict, random_hf_model, tiny_llama_config, tiny_mistral_config,
+                               write_gguf_checkpoint, write_hf_checkpoint, write_native_checkpoint)
 
 TOLERANCE = 1e-4
+VOCAB = 512
 
 
 def mistral_config(**overrides):
-    values = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                  rope_theta=1e6, sliding_window=8, tie_word_embeddings=False)
-    values.update(overrides)
-    return transformers.MistralConfig(**values)
+    """Grouped-query attention and a sliding window (8) much shorter than the sequences (~30)."""
+    return tiny_mistral_config(sliding_window=8, **overrides)
 
 
 def llama_config(**overrides):
-    values = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                  rope_theta=1e4, tie_word_embeddings=True)
-    values.update(overrides)
-    return transformers.LlamaConfig(**values)
+    """One KV head for all query heads, tied embeddings."""
+    return tiny_llama_config(num_key_value_heads=1, **overrides)
 
 
-def reference_and_ours(hf_config):
-    torch.manual_seed(0)
-    model_class = (transformers.LlamaForCausalLM if hf_config.model_type == "llama"
-                   else transformers.MistralForCausalLM)
+def reference_and_ours(hf_config, tmp_path=None, checkpoint_format="hf"):
+    """The transformers model and ours on the same random weights. With tmp_path, ours is loaded
+    from a checkpoint written to disk in the given format; otherwise the weights are copied over."""
     hf_config._attn_implementation = "eager"
-    reference = model_class(hf_config).eval()
-    config = ModelConfig.from_hf_config(hf_config.to_dict())
-    ours = Transformer(config)
-    state = {name.removeprefix("model."): tensor for name, tensor in reference.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    ours.load_state_dict(state, strict=False)
-    ours.tie_weights()
-    ours.rotary.build(torch.device("cpu"))
-    return reference, ours.eval()
+    if tmp_path is None:
+        reference = random_hf_model(hf_config).eval()
+        ours = Transformer(ModelConfig.from_hf_config(hf_config.to_dict()))
+        state = hf_state_dict(reference)
+        if ours.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        ours.load_state_dict(state, strict=True)
+        ours.tie_weights()
+        ours.rotary.build(torch.device("cpu"))
+        return reference, ours.eval()
+    path, reference = write_hf_checkpoint(tmp_path, hf_config)
+    if checkpoint_format == "native":
+        path = write_native_checkpoint(tmp_path / "native", reference)
+    elif checkpoint_format == "gguf":
+        architecture = "llama" if hf_config.model_type == "llama" else "mistral"
+        (tmp_path / "gguf").mkdir()
+        path = write_gguf_checkpoint(tmp_path / "gguf", reference, architecture=architecture)
+    return reference.eval(), load_model(path)
 
 
 def run_teacher_forced(model, sequences_with_arrival, *, block_size=4, num_blocks=64, budget=12):
@@ -90,17 +94,25 @@ def run_teacher_forced(model, sequences_with_arrival, *, block_size=4, num_block
     return seqs, logits_by_seq, saw_mixed, bm
 
 
-@pytest.mark.parametrize("hf_config", [mistral_config(), llama_config()], ids=["mistral-gqa-window", "llama-tied"])
-def test_logits_match_transformers_through_mixed_chunked_and_cached_steps(hf_config):
-    reference, ours = reference_and_ours(hf_config)
+CASES = [("mistral", "hf"), ("mistral", "native"), ("mistral", "gguf"), ("llama", "hf"), ("llama", "gguf")]
+
+
+@pytest.mark.parametrize("architecture, checkpoint_format", CASES, ids=[f"{a}-{f}" for a, f in CASES])
+def test_logits_match_transformers_through_mixed_chunked_and_cached_steps(tmp_path, architecture,
+                                                                          checkpoint_format):
+    hf_config = mistral_config() if architecture == "mistral" else llama_config()
+    reference, ours = reference_and_ours(hf_config, tmp_path, checkpoint_format)
     generator = torch.Generator().manual_seed(1)
-    shared_prefix = torch.randint(0, 256, (14,), generator=generator).tolist()
+
+    def tokens(count):
+        return torch.randint(0, VOCAB, (count,), generator=generator).tolist()
+    shared_prefix = tokens(14)
     work = [
-        (0, torch.randint(0, 256, (30,), generator=generator).tolist(), 20),  # prompt chunked, then decodes
-        (1, torch.randint(0, 256, (18,), generator=generator).tolist(), 5),
-        (2, shared_prefix + torch.randint(0, 256, (10,), generator=generator).tolist(), 17),
+        (0, tokens(30), 20),  # the prompt is chunked, then it decodes beside the others' prefills
+        (1, tokens(18), 5),
+        (2, shared_prefix + tokens(10), 17),
         # arrives once the previous prompt is cached, so its first blocks come from the prefix cache
-        (9, shared_prefix + torch.randint(0, 256, (6,), generator=generator).tolist(), 16),
+        (9, shared_prefix + tokens(6), 16),
     ]
     seqs, logits_by_seq, saw_mixed, bm = run_teacher_forced(ours, work)
     assert saw_mixed, "the scenario must mix decodes and prefill chunks in one step"
