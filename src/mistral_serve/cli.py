@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 import sys
 import time
 
@@ -29,9 +30,15 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     parser.add_argument("--seed", type=int, help="seed for requests that bring none")
 
 
+def storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="where the SQLite database lives (env MISTRAL_SERVE_DATA_DIR)")
+    parser.add_argument("--database-url", help="sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/NAME "
+                                               "(env MISTRAL_SERVE_DATABASE_URL; default: SQLite in the data dir)")
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     names = ("model", "allow_download", "device", "dtype", "quantize", "kv_cache_memory_mb", "max_num_seqs",
-             "max_num_batched_tokens", "max_model_len", "seed", "host", "port")
+             "max_num_batched_tokens", "max_model_len", "seed", "host", "port", "data_dir", "database_url")
     return Settings.load({name: getattr(args, name, None) for name in names})
 
 
@@ -52,8 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     engine_flags(serve, serves_many_models=True)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    storage_flags(serve)
     serve.set_defaults(run=run_serve)
+
+    from mistral_serve.cli_admin import add_admin_commands
+    add_admin_commands(commands, storage_flags)
     return parser
+
+
+def open_database(settings: Settings):
+    """The settings' database, migrated to the newest schema: a session factory."""
+    from mistral_serve.db.migrations import upgrade_to_head
+    from mistral_serve.db.session import create_db_engine, create_session_factory
+
+    url = settings.resolved_database_url
+    upgrade_to_head(url)
+    return create_session_factory(create_db_engine(url))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -65,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from mistral_serve.engine.builder import build_engine
 
     settings = settings_from(args)
+    db = open_database(settings)
     specs = [parse_model_spec(spec) for spec in args.models] or [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
     engines = {}
     for model_id, source in specs:
@@ -75,7 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len = settings.max_model_len or card_for(model_id).context_length
         model_settings = replace(settings, model=source, max_model_len=max_model_len)
         engines[model_id] = AsyncEngine(build_engine(model_settings))
-    uvicorn.run(create_app(settings, engines), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings, engines, db), host=settings.host, port=settings.port, log_level="info")
     return 0
 
 

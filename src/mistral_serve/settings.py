@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "MISTRAL_SERVE_"
+DATABASE_FILE = "mistral-serve.db"
 
 
 def default_data_dir() -> Path:
@@ -21,6 +22,7 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = default_data_dir()
+    database_url: str | None = None  # None: the SQLite file DATABASE_FILE in data_dir; or postgresql+psycopg://…
     host: str = "127.0.0.1"
     port: int = 8000
     model: str = "demo"  # a checkpoint path, a Hugging Face id (offline cache) or "demo"
@@ -44,6 +46,13 @@ class Settings:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be at least 1")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database every command uses: database_url, else SQLite in data_dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir.expanduser() / DATABASE_FILE).absolute()}"
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

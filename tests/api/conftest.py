@@ -1,5 +1,5 @@
-"""Fixtures for the HTTP API: a tiny random Mistral behind a byte tokenizer, apps, a live server,
-and OpenAI's published schemas to check what we send."""
+"""Fixtures for the HTTP API: a tiny random Mistral behind a byte tokenizer, a database with a key,
+apps, a live server, and OpenAI's published schemas to check what we send."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import uvicorn
 import yaml
 
 from mistral_serve.api.app import create_app
+from mistral_serve.db import crud
+from mistral_serve.db.migrations import upgrade_to_head
+from mistral_serve.db.session import create_db_engine, create_session_factory
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import ChatTemplateError
+from tests.conftest import database_url_for
 from tests.engine.test_engine_tiny import ByteTokenizer
 from tests.model.test_paged_numerics import mistral_config, reference_and_ours
 
@@ -61,13 +65,40 @@ def engine(make_engine):
 
 
 @pytest.fixture(scope="module")
-def app(engine):
-    return create_app(Settings(), {MODEL_ID: AsyncEngine(engine)})
+def api_db(tmp_path_factory):
+    """A session factory on a migrated SQLite database of this module's own."""
+    url = database_url_for("sqlite", tmp_path_factory.mktemp("db"))
+    upgrade_to_head(url)
+    engine = create_db_engine(url)
+    yield create_session_factory(engine)
+    engine.dispose()
+
+
+def new_key(db, email: str = "tests@example.com", name: str = "tests") -> str:
+    """A new key of the account `email` (created if new): the raw secret."""
+    with db() as session:
+        account = crud.get_account_by_email(session, email) or crud.create_account(session, email, password=None)
+        return crud.create_api_key(session, account, name)[1]
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as client:
+def api_key(api_db) -> str:
+    return new_key(api_db)
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def app(engine, api_db):
+    return create_app(Settings(), {MODEL_ID: AsyncEngine(engine)}, api_db)
+
+
+@pytest.fixture(scope="module")
+def client(app, api_key):
+    """A client that sends a valid key with every request."""
+    with TestClient(app, headers=bearer(api_key)) as client:
         yield client
 
 

@@ -9,7 +9,7 @@ from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.engine.builder import load_engine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
-from tests.api.conftest import sse_events
+from tests.api.conftest import bearer, sse_events
 
 pytestmark = pytest.mark.demo
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -21,8 +21,9 @@ def demo_engine(demo_path):
 
 
 @pytest.fixture(scope="module")
-def demo_client(demo_engine):
-    with TestClient(create_app(Settings(), {DEMO_MODEL_ID: AsyncEngine(demo_engine)})) as client:
+def demo_client(demo_engine, api_db, api_key):
+    app = create_app(Settings(), {DEMO_MODEL_ID: AsyncEngine(demo_engine)}, api_db)
+    with TestClient(app, headers=bearer(api_key)) as client:
         yield client
 
 

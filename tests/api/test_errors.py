@@ -9,7 +9,7 @@ from mistral_serve.api.app import create_app
 from mistral_serve.api.deps import MAX_BODY_BYTES
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
-from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, chat
+from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, bearer, chat
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -137,9 +137,9 @@ def test_a_ten_megabyte_body_is_refused_and_the_server_answers_afterwards(client
     assert client.post("/v1/chat/completions", json=chat(max_tokens=1)).status_code == 200
 
 
-def test_a_server_that_is_not_ready_answers_503_with_retry_after(engine):
-    app = create_app(Settings(), {MODEL_ID: AsyncEngine(engine)})
-    client = TestClient(app)  # not entered: the lifespan has not started the engines
+def test_a_server_that_is_not_ready_answers_503_with_retry_after(engine, api_db, api_key):
+    app = create_app(Settings(), {MODEL_ID: AsyncEngine(engine)}, api_db)
+    client = TestClient(app, headers=bearer(api_key))  # not entered: the lifespan has not started the engines
     for response in (client.post("/v1/chat/completions", json=chat()), client.get("/ready")):
         assert response.status_code == 503
         assert response.headers["retry-after"] and response.json()["error"]["type"] == "service_unavailable"

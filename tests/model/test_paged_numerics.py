@@ -127,3 +127,21 @@ def test_logits_match_transformers_through_mixed_chunked_and_cached_steps(tmp_pa
         for position, value in got.items():
             torch.testing.assert_close(value, expected[position], atol=TOLERANCE, rtol=0)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_bfloat16_error_is_no_worse_than_transformers_own_bfloat16(tmp_path):
+    """In bfloat16 neither implementation equals float32; ours must stay as close to the float32
+    reference as transformers' bfloat16 run is (within a factor of 2, plus a small floor)."""
+    hf_config = mistral_config()
+    hf_config._attn_implementation = "eager"
+    path, reference = write_hf_checkpoint(tmp_path, hf_config)
+    ours = load_model(path, dtype=torch.bfloat16)
+    full = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    seqs, logits_by_seq, _, _ = run_teacher_forced(ours, [(0, full, 12)])
+    with torch.no_grad():
+        exact = reference.eval()(torch.tensor([full])).logits[0]
+        theirs = reference.to(torch.bfloat16)(torch.tensor([full])).logits[0].float()
+    got = logits_by_seq[seqs[0].seq_id]
+    ours_error = max((got[p].float() - exact[p]).abs().max().item() for p in got)
+    their_error = max((theirs[p] - exact[p]).abs().max().item() for p in got)
+    assert ours_error <= 2 * their_error + 1e-2, (ours_error, their_error)

@@ -1,4 +1,4 @@
-"""create_app: the one place where settings, engines and routes are wired together."""
+"""create_app: the one place where settings, engines, the database and routes are wired together."""
 
 from __future__ import annotations
 
@@ -8,21 +8,26 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session, sessionmaker
 
 from mistral_serve import __version__
 from mistral_serve.api import errors
 from mistral_serve.api.deps import ServingState
+from mistral_serve.api.metrics import ServingMetrics
 from mistral_serve.api.routes import health, openai
 from mistral_serve.catalog import Catalog
+from mistral_serve.db.key_store import KeyStore
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 
 API_STYLES = {"/v1": "OpenAI style", "/api/ai": "Oxen style"}
 
 
-def create_app(settings: Settings, engines: Mapping[str, AsyncEngine]) -> FastAPI:
-    """An app serving `engines` (model id → engine). It starts them on startup and stops them on shutdown."""
-    state = ServingState(settings, Catalog.from_engines(engines, quantization=settings.quantize))
+def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessionmaker[Session]) -> FastAPI:
+    """An app serving `engines` (model id → engine) to the keys in `db`, a migrated database. It starts
+    the engines on startup and stops them on shutdown."""
+    catalog = Catalog.from_engines(engines, quantization=settings.quantize)
+    state = ServingState(settings, catalog, KeyStore(db), ServingMetrics(catalog))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -16,6 +16,7 @@ import time
 import uuid
 
 from mistral_serve.api.errors import APIError, invalid_request
+from mistral_serve.api.metrics import RequestTimer
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs, ChunkChoice,
     DeltaMessage, PromptTokensDetails, ResponseMessage, TokenLogprob, TopLogprob, Usage,
@@ -40,11 +41,12 @@ class Generation:
     served: ServedModel
     prompt_token_ids: list[int]
     params: SamplingParams
+    timer: RequestTimer | None = None  # records latencies and token counts for /metrics
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def prepare(request: ChatCompletionRequest, served: ServedModel) -> Generation:
+def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer | None = None) -> Generation:
     """Tokenize and check the request; every problem is a 400 that says what to change."""
     engine = served.engine.engine
     messages = [message.model_dump(exclude_none=True) for message in request.messages]
@@ -62,7 +64,7 @@ def prepare(request: ChatCompletionRequest, served: ServedModel) -> Generation:
     except ValueError as error:
         param = "logit_bias" if "token id" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None
-    return Generation(request, served, prompt, params)
+    return Generation(request, served, prompt, params, timer)
 
 
 def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> None:
@@ -94,12 +96,16 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
     num_output_tokens: dict[int, int] = {}
     num_cached_tokens = 0  # the prompt is counted once: as the first choice saw it
     engine = generation.served.engine
+    timer = generation.timer
+    outcome = "aborted"  # unless the loop below runs to its end or fails
     try:
         deltas = engine.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id)
         async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
             async for delta in deltas:
                 if delta.finish_reason == "abort":
                     raise APIError(503, "The generation was aborted by the server.", type="server_error")
+                if timer is not None:
+                    timer.on_tokens(delta.index, len(delta.token_ids))
                 num_output_tokens[delta.index] = delta.num_output_tokens
                 if delta.index == 0:
                     num_cached_tokens = delta.num_cached_tokens
@@ -109,10 +115,19 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
                                                                 else None),
                                              logprobs=_logprobs(engine.engine.tokenizer, delta),
                                              finish_reason=delta.finish_reason)])
+        outcome = "finished"
     except EngineStoppedError:
+        outcome = "failed"
         raise APIError(503, "The model is not running; try again shortly.", headers={"Retry-After": "5"}) from None
     except ValueError as error:  # the engine refused the request after all
+        outcome = "failed"
         raise invalid_request(f"Invalid request: {error}") from None
+    except Exception:
+        outcome = "failed"
+        raise
+    finally:
+        if timer is not None:
+            timer.on_end(len(generation.prompt_token_ids), sum(num_output_tokens.values()), outcome)
     num_prompt_tokens = len(generation.prompt_token_ids)
     num_completion_tokens = sum(num_output_tokens.values())
     yield chunk([], Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,

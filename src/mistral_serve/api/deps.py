@@ -1,4 +1,4 @@
-"""Dependencies the routes declare: the serving state, readiness, the API key seam, the chat body."""
+"""Dependencies the routes declare: the serving state, readiness, the API key, the chat body."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
 from mistral_serve.api.errors import APIError, from_validation_error
+from mistral_serve.api.metrics import ServingMetrics
 from mistral_serve.api.protocol import ChatCompletionRequest
 from mistral_serve.catalog import Catalog
+from mistral_serve.db.key_store import ActiveKey, KeyRefused, KeyStore, KeyStoreUnavailable
 from mistral_serve.settings import Settings
 
 MAX_BODY_BYTES = 4 << 20  # a 32k-token conversation is far smaller
@@ -21,6 +24,8 @@ RETRY_AFTER_SECONDS = "5"
 class ServingState:
     settings: Settings
     catalog: Catalog
+    keys: KeyStore
+    metrics: ServingMetrics
     is_ready: bool = False  # the engines are running
 
 
@@ -40,14 +45,31 @@ def require_ready(state: State) -> None:
 Ready = Annotated[None, Depends(require_ready)]
 
 
-async def current_key(request: Request) -> None:
-    """The seam for API keys: where `Authorization: Bearer <key>` will be checked against the key table
-    (hash, look up, enabled, within limits) and the key's row returned. There is no key table yet, so
-    no request is authenticated: every request is let through."""
-    return None
+_bearer = HTTPBearer(auto_error=False, description="An API key: `mistral-serve keys create --email E --name N`")
 
 
-CurrentKey = Annotated[None, Depends(current_key)]
+def current_key(state: State,
+                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ActiveKey:
+    """The key in `Authorization: Bearer <key>`, enabled and of an enabled account; 401 otherwise.
+    A plain `def`: FastAPI runs it in its threadpool, so the database read never blocks the event loop."""
+    raw_key = credentials.credentials.strip() if credentials else ""
+    if not raw_key:
+        raise _unauthorized("You didn't provide an API key. You need to provide your API key in an Authorization "
+                            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+    try:
+        return state.keys.authenticate(raw_key)
+    except KeyRefused as refusal:
+        raise _unauthorized(str(refusal)) from None
+    except KeyStoreUnavailable as error:
+        raise APIError(503, str(error), headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, message, type="invalid_request_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+CurrentKey = Annotated[ActiveKey, Depends(current_key)]
 
 
 async def read_chat_request(request: Request) -> ChatCompletionRequest:

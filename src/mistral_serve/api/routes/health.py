@@ -1,8 +1,10 @@
-"""Liveness and readiness, for load balancers and orchestrators."""
+"""Liveness, readiness and metrics, for load balancers, orchestrators and monitoring."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mistral_serve.api.deps import Ready, State
 
@@ -19,3 +21,9 @@ async def health() -> dict:
 async def ready(state: State, _: Ready) -> dict:
     """Every model is loaded and its engine running (503 otherwise)."""
     return {"status": "ready", "models": [model.id for model in state.catalog]}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: State) -> Response:
+    """Prometheus metrics per model: running and waiting requests, KV blocks, latencies, tokens."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

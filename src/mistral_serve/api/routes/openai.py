@@ -18,6 +18,7 @@ from mistral_serve.catalog import Catalog, ServedModel
 router = APIRouter()
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 503)}
+_CHAT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 503)}
 _CHAT_DOC = {
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}},
@@ -28,11 +29,12 @@ _CHAT_DOC = {
 }
 
 
-@router.post("/chat/completions", response_model=None, responses=_ERRORS, openapi_extra=_CHAT_DOC)
+@router.post("/chat/completions", response_model=None, responses=_CHAT_ERRORS, openapi_extra=_CHAT_DOC)
 async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, body: ChatRequest,
                                  state: State) -> Response:
     """Answer a conversation: one JSON reply, or Server-Sent Events with `stream: true`."""
-    generation = chat.prepare(body, find_model(state.catalog, body.model))
+    served = find_model(state.catalog, body.model)
+    generation = chat.prepare(body, served, state.metrics.timer(served.id))
     if body.stream:
         return EventStreamResponse(chat.sse_events(generation))
     try:

@@ -1,0 +1,187 @@
+"""The `accounts` and `keys` commands: the same database the server checks, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+import getpass
+import sys
+
+from mistral_serve.cli import open_database, settings_from
+
+
+def add_admin_commands(commands, storage_flags) -> None:
+    accounts = commands.add_parser("accounts", help="create, list, disable and enable accounts")
+    account_commands = accounts.add_subparsers(dest="action", required=True)
+    create = account_commands.add_parser("create", help="create an account")
+    create.add_argument("--email", required=True)
+    password = create.add_mutually_exclusive_group()
+    password.add_argument("--password-stdin", action="store_true",
+                          help="read the password from the first line of standard input (default: prompt for it)")
+    password.add_argument("--no-password", action="store_true",
+                          help="an account that cannot log in with a password: its keys are managed here")
+    create.set_defaults(run=run_accounts_create)
+    account_commands.add_parser("list", help="list accounts").set_defaults(run=run_accounts_list)
+    for action, is_enabled in (("disable", False), ("enable", True)):
+        command = account_commands.add_parser(action, help=f"{action} an account (and so all of its keys)")
+        command.add_argument("--email", required=True)
+        command.set_defaults(run=run_accounts_set_enabled, is_enabled=is_enabled)
+
+    keys = commands.add_parser("keys", help="create, list, disable, enable and delete API keys")
+    key_commands = keys.add_subparsers(dest="action", required=True)
+    create = key_commands.add_parser("create", help="create a key; it is printed once, as the last line")
+    create.add_argument("--email", required=True, help="the account (created, with no password, if new)")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--rpm", type=int, help="requests per minute at most")
+    create.add_argument("--tpm", type=int, help="tokens per minute at most")
+    create.add_argument("--token-budget", type=int, help="tokens per --budget-period at most")
+    create.add_argument("--budget-period", choices=["day", "month"])
+    create.set_defaults(run=run_keys_create)
+    listing = key_commands.add_parser("list", help="list keys (never the secret: the prefix only)")
+    listing.add_argument("--email", help="only this account's keys")
+    listing.set_defaults(run=run_keys_list)
+    for action in ("disable", "enable", "delete"):
+        command = key_commands.add_parser(action, help=f"{action} a key")
+        which = command.add_mutually_exclusive_group(required=True)
+        which.add_argument("--prefix", help="the prefix `keys list` shows (msk-… or without msk-)")
+        which.add_argument("--id", type=int, help="the id `keys list` shows")
+        command.set_defaults(run=run_keys_change, action=action)
+
+    for group in (account_commands, key_commands):
+        for parser in group.choices.values():
+            storage_flags(parser)
+
+
+# accounts
+
+def run_accounts_create(args: argparse.Namespace) -> int:
+    from mistral_serve.db import crud
+
+    password = None if args.no_password else _read_password(args.password_stdin)
+    with open_database(settings_from(args))() as session:
+        account = crud.create_account(session, args.email, password)
+        print(f"created account {account.email} (id {account.id})"
+              + ("" if password else "; it has no password and cannot log in"))
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    from mistral_serve.security import check_new_password
+
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise ValueError("the passwords differ")
+    else:
+        raise ValueError("no terminal to ask for a password: give --password-stdin or --no-password")
+    check_new_password(password)
+    return password
+
+
+def run_accounts_list(args: argparse.Namespace) -> int:
+    from mistral_serve.db import crud
+
+    with open_database(settings_from(args))() as session:
+        rows = [(account.id, account.email, _yes(account.is_enabled), _yes(account.password_hash is not None),
+                 len(account.api_keys), _when(account.created_at)) for account in crud.list_accounts(session)]
+    _print_table(("ID", "EMAIL", "ENABLED", "PASSWORD", "KEYS", "CREATED"), rows)
+    return 0
+
+
+def run_accounts_set_enabled(args: argparse.Namespace) -> int:
+    from mistral_serve.db import crud
+
+    with open_database(settings_from(args))() as session:
+        account = crud.get_account_by_email(session, args.email)
+        if account is None:
+            raise ValueError(f"no account with the email {args.email}")
+        crud.set_account_enabled(session, account, args.is_enabled)
+        print(f"account {account.email} is {'enabled' if args.is_enabled else 'disabled'}")
+    return 0
+
+
+# keys
+
+def run_keys_create(args: argparse.Namespace) -> int:
+    from mistral_serve.db import crud
+
+    limits = crud.KeyLimits(args.rpm, args.tpm, args.token_budget, args.budget_period)
+    with open_database(settings_from(args))() as session:
+        account = crud.get_account_by_email(session, args.email)
+        if account is None:
+            account = crud.create_account(session, args.email, password=None)
+            print(f"created account {account.email} (id {account.id}), with no password")
+        if not account.is_enabled:
+            print(f"warning: the account {account.email} is disabled: its keys are refused until it is enabled",
+                  file=sys.stderr)
+        key, raw_key = crud.create_api_key(session, account, args.name, limits)
+        print(f"created key {key.id} msk-{key.prefix}… \"{key.name}\" for {account.email}")
+        print("This is the only time the key is shown; store it now:")
+        print(raw_key)
+    return 0
+
+
+def run_keys_list(args: argparse.Namespace) -> int:
+    from mistral_serve.db import crud
+
+    with open_database(settings_from(args))() as session:
+        account = None
+        if args.email:
+            account = crud.get_account_by_email(session, args.email)
+            if account is None:
+                raise ValueError(f"no account with the email {args.email}")
+        rows = [(key.id, f"msk-{key.prefix}…", key.name, key.account.email, _yes(key.is_enabled),
+                 _when(key.created_at), _when(key.last_used_at), _limits(key))
+                for key in crud.list_keys(session, account)]
+    _print_table(("ID", "PREFIX", "NAME", "ACCOUNT", "ENABLED", "CREATED", "LAST USED", "LIMITS"), rows)
+    return 0
+
+
+def run_keys_change(args: argparse.Namespace) -> int:
+    from mistral_serve.db import crud
+
+    with open_database(settings_from(args))() as session:
+        if args.id is not None:
+            key = crud.get_key(session, args.id)
+            if key is None:
+                raise ValueError(f"no key with the id {args.id}")
+        else:
+            matches = crud.find_keys_by_prefix(session, args.prefix)
+            if not matches:
+                raise ValueError(f"no key with the prefix {args.prefix}")
+            if len(matches) > 1:
+                raise ValueError(f"several keys have the prefix {args.prefix} (ids "
+                                 f"{', '.join(str(key.id) for key in matches)}): give --id")
+            key = matches[0]
+        shown = f"key {key.id} msk-{key.prefix}… \"{key.name}\""
+        if args.action == "delete":
+            crud.delete_key(session, key)
+            print(f"deleted {shown}")
+        else:
+            crud.set_key_enabled(session, key, args.action == "enable")
+            print(f"{args.action}d {shown}")
+    return 0
+
+
+def _limits(key) -> str:
+    parts = [f"{key.requests_per_minute} rpm" if key.requests_per_minute else "",
+             f"{key.tokens_per_minute} tpm" if key.tokens_per_minute else "",
+             f"{key.token_budget} tokens/{key.budget_period}" if key.token_budget else ""]
+    return ", ".join(part for part in parts if part) or "-"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "never"
+
+
+def _print_table(headers: tuple[str, ...], rows: list[tuple]) -> None:
+    cells = [headers, *[tuple(str(cell) for cell in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -1,0 +1,1 @@
+"""Migration revisions, in order; alembic reads them by path."""
