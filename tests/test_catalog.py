@@ -2,7 +2,10 @@
 
 import pytest
 
-from mistral_serve.catalog import KNOWN_MODELS, Catalog, ServedModel, card_for, parse_model_spec
+from mistral_serve.catalog import (
+    DEMO_MODEL_ID, DEMO_MODEL_SOURCE, KNOWN_MODELS, Catalog, ServedModel, card_for, default_model_specs,
+    parse_model_spec,
+)
 
 
 def test_known_mistral_models_have_their_context_and_only_v03_has_tools():
@@ -27,3 +30,28 @@ def test_model_specs_are_id_equals_path():
     for bad in ("/models/v3", "=x", "id="):
         with pytest.raises(ValueError, match="ID=PATH"):
             parse_model_spec(bad)
+
+
+def test_with_no_model_given_the_demo_and_every_cached_mistral_are_served(tmp_path):
+    """A Hugging Face cache (the layout huggingface_hub documents) holding v0.1 and v0.3, and a
+    model the catalog does not know: the demo comes first, then the known ones found, in order."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo_id in ("mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.1", "someone/other"):
+        repo = tmp_path / f"models--{repo_id.replace('/', '--')}"
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    assert default_model_specs(cache_dir=tmp_path) == [
+        (DEMO_MODEL_ID, DEMO_MODEL_SOURCE),
+        ("mistralai/Mistral-7B-Instruct-v0.1",
+         str(tmp_path / "models--mistralai--Mistral-7B-Instruct-v0.1" / "snapshots" / commit)),
+        ("mistralai/Mistral-7B-Instruct-v0.3",
+         str(tmp_path / "models--mistralai--Mistral-7B-Instruct-v0.3" / "snapshots" / commit)),
+    ]
+    assert default_model_specs(cache_dir=tmp_path / "empty") == [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
+
+
+def test_the_demo_card_advises_its_own_sampling_and_the_mistral_cards_openais():
+    assert card_for(DEMO_MODEL_ID).sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+    assert card_for("mistralai/Mistral-7B-Instruct-v0.3").sampling_defaults == {"temperature": 1.0, "top_p": 1.0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,13 @@ class ModelCard:
     context_length: int | None = None  # the most we serve; None: the checkpoint's
     supports_tools: bool = False
     aliases: tuple[str, ...] = ()
+    # what a request that leaves them out gets: OpenAI's defaults unless the model's makers advise others
+    default_temperature: float = 1.0
+    default_top_p: float = 1.0
+
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        return {"temperature": self.default_temperature, "top_p": self.default_top_p}
 
 
 KNOWN_MODELS: dict[str, ModelCard] = {card.id: card for card in (
@@ -36,7 +44,7 @@ KNOWN_MODELS: dict[str, ModelCard] = {card.id: card for card in (
               owned_by="mistralai", context_length=32768, supports_tools=True, aliases=("open-mistral-7b",)),
     ModelCard(DEMO_MODEL_ID, "SmolLM2 135M Instruct",
               "A small instruct model of the same family, served as a demo when no weights are given.",
-              owned_by="HuggingFaceTB"),
+              owned_by="HuggingFaceTB", default_temperature=0.2, default_top_p=0.9),  # its model card's advice
 )}
 
 
@@ -44,6 +52,24 @@ def card_for(model_id: str) -> ModelCard:
     """The known card of an id, or a plain card for a model the catalog has no facts about."""
     return KNOWN_MODELS.get(model_id) or ModelCard(model_id, model_id, f"{model_id}, served from a local checkpoint.",
                                                    owned_by="mistral-serve")
+
+
+def default_model_specs(cache_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """What `serve` serves when no --model is given: the demo model, then every known Mistral model
+    found in the local Hugging Face cache (`cache_dir`, default: the usual one), each as (id, source).
+    The lookup is offline: nothing is downloaded."""
+    from mistral_serve.model.loader import CheckpointError, resolve_checkpoint
+
+    specs = [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
+    for model_id in KNOWN_MODELS:
+        if model_id == DEMO_MODEL_ID:
+            continue
+        try:
+            path = resolve_checkpoint(model_id, cache_dir=cache_dir)
+        except CheckpointError:  # not in the cache
+            continue
+        specs.append((model_id, str(path)))
+    return specs
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:

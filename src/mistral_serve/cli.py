@@ -15,7 +15,8 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     if serves_many_models:
         parser.add_argument("--model", dest="models", action="append", metavar="ID=PATH", default=[],
                             help="serve the checkpoint PATH (directory, GGUF file, Hugging Face id or \"demo\") "
-                                 "as model ID; repeatable (default: the demo model)")
+                                 "as model ID; repeatable (default: the demo model and every "
+                                 "Mistral-7B-Instruct in the local Hugging Face cache)")
     else:
         parser.add_argument("--model", help='checkpoint directory, GGUF file, Hugging Face id, or "demo"')
     parser.add_argument("--allow-download", action="store_true", default=None,
@@ -38,7 +39,8 @@ def storage_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     names = ("model", "allow_download", "device", "dtype", "quantize", "kv_cache_memory_mb", "max_num_seqs",
-             "max_num_batched_tokens", "max_model_len", "seed", "host", "port", "data_dir", "database_url")
+             "max_num_batched_tokens", "max_model_len", "seed", "host", "port", "data_dir", "database_url",
+             "redis_url")
     return Settings.load({name: getattr(args, name, None) for name in names})
 
 
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine_flags(serve, serves_many_models=True)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--redis-url", help="redis://HOST:PORT/DB for rate-limit counters shared by several "
+                                           "replicas (env MISTRAL_SERVE_REDIS_URL; default: in this process)")
     storage_flags(serve)
     serve.set_defaults(run=run_serve)
 
@@ -81,13 +85,13 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mistral_serve.api.app import create_app
-    from mistral_serve.catalog import DEMO_MODEL_ID, DEMO_MODEL_SOURCE, card_for, parse_model_spec
+    from mistral_serve.catalog import card_for, default_model_specs, parse_model_spec
     from mistral_serve.engine.async_engine import AsyncEngine
     from mistral_serve.engine.builder import build_engine
 
     settings = settings_from(args)
     db = open_database(settings)
-    specs = [parse_model_spec(spec) for spec in args.models] or [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
+    specs = [parse_model_spec(spec) for spec in args.models] or default_model_specs()
     engines = {}
     for model_id, source in specs:
         if model_id in engines:

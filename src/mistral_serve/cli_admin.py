@@ -1,9 +1,9 @@
-"""The `accounts` and `keys` commands: the same database the server checks, from the command line."""
+"""The `accounts`, `keys` and `usage` commands: the same database the server uses, from the command line."""
 
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
+from datetime import date, datetime, time, timezone
 import getpass
 import sys
 
@@ -46,6 +46,13 @@ def add_admin_commands(commands, storage_flags) -> None:
         which.add_argument("--prefix", help="the prefix `keys list` shows (msk-… or without msk-)")
         which.add_argument("--id", type=int, help="the id `keys list` shows")
         command.set_defaults(run=run_keys_change, action=action)
+
+    usage = commands.add_parser("usage", help="requests and tokens per key and model")
+    usage.add_argument("--email", help="only this account's usage")
+    usage.add_argument("--since", type=_day, help="from this UTC day on, YYYY-MM-DD (default: all)")
+    usage.add_argument("--until", type=_day, help="up to and including this UTC day, YYYY-MM-DD")
+    usage.set_defaults(run=run_usage)
+    storage_flags(usage)
 
     for group in (account_commands, key_commands):
         for parser in group.choices.values():
@@ -163,6 +170,42 @@ def run_keys_change(args: argparse.Namespace) -> int:
             crud.set_key_enabled(session, key, args.action == "enable")
             print(f"{args.action}d {shown}")
     return 0
+
+
+# usage
+
+def run_usage(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from mistral_serve.db import crud
+
+    since = datetime.combine(args.since, time(), timezone.utc) if args.since else None
+    until = datetime.combine(args.until + timedelta(days=1), time(), timezone.utc) if args.until else None
+    with open_database(settings_from(args))() as session:
+        account_id = None
+        if args.email:
+            account = crud.get_account_by_email(session, args.email)
+            if account is None:
+                raise ValueError(f"no account with the email {args.email}")
+            account_id = account.id
+        totals = crud.usage_totals(session, account_id=account_id, since=since, until=until, by=("key", "model"))
+    rows = [(_key_label(total), total.model, total.num_requests, total.num_failed_requests, total.prompt_tokens,
+             total.cached_prompt_tokens, total.completion_tokens, total.total_tokens) for total in totals]
+    if len(totals) > 1:
+        rows.append(("all", "", *(sum(row[index] for row in rows) for index in range(2, 8))))
+    _print_table(("KEY", "MODEL", "REQUESTS", "FAILED", "PROMPT", "CACHED", "COMPLETION", "TOTAL"), rows)
+    return 0
+
+
+def _key_label(total) -> str:
+    return f"{total.key_id} {total.key_name}" if total.key_id is not None else "(deleted key)"
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text!r}") from None
 
 
 def _limits(key) -> str:

@@ -1,4 +1,4 @@
-"""Secrets: API key generation and hashing, password hashing.
+"""Secrets: API key generation and hashing, password hashing, web session tokens.
 
 An API key is `msk-` + 256 random bits (URL-safe base64); only its SHA-256 hash is stored. A key is
 already high-entropy, so a fast hash is right for it; passwords are not, so they get Argon2id.
@@ -17,6 +17,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 API_KEY_PREFIX = "msk-"
 NUM_KEY_BYTES = 32  # 256 bits of randomness
 NUM_PREFIX_CHARS = 8  # the part after "msk-" that users see to tell their keys apart
+NUM_TOKEN_BYTES = 32  # a session or CSRF token: 256 random bits
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 1024  # hashing a megabyte of "password" is a denial of service, not a password
 
@@ -38,6 +39,16 @@ def api_key_prefix(raw_key: str) -> str:
     if not raw_key.startswith(API_KEY_PREFIX):
         raise ValueError(f"an API key starts with {API_KEY_PREFIX!r}")
     return raw_key[len(API_KEY_PREFIX):][:NUM_PREFIX_CHARS]
+
+
+def generate_token() -> str:
+    """A random, URL-safe token: a session cookie's or a CSRF cookie's value."""
+    return secrets.token_urlsafe(NUM_TOKEN_BYTES)
+
+
+def hash_session_token(token: str) -> str:
+    """SHA-256 hex of a session token, as stored and looked up (the token itself is never stored)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ def default_data_dir() -> Path:
 class Settings:
     data_dir: Path = default_data_dir()
     database_url: str | None = None  # None: the SQLite file DATABASE_FILE in data_dir; or postgresql+psycopg://…
+    redis_url: str | None = None  # rate-limit counters shared by replicas (redis://HOST:PORT/DB); None: in process
     host: str = "127.0.0.1"
     port: int = 8000
     model: str = "demo"  # a checkpoint path, a Hugging Face id (offline cache) or "demo"

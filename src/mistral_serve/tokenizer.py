@@ -73,6 +73,17 @@ class ChatTokenizer(ABC):
         """One token as text, for logprobs: "▁Paris" is " Paris"; a lone byte of a character is U+FFFD."""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
+    def grammar_vocab(self) -> list[bytes]:
+        """Each token's bytes as the text it adds to the output, by id, for a grammar engine.
+
+        Tokens that never stand for output text (special and control tokens, unknown) are b"",
+        which a grammar engine never allows, so constrained output is exactly its decoded text.
+        """
+        return [b"" if self._is_never_text(i) else self.token_bytes(i) for i in range(self.vocab_size)]
+
+    def _is_never_text(self, token_id: int) -> bool:
+        return self.is_special(token_id)
+
 
 # messages
 
@@ -216,6 +227,9 @@ class MistralCommonTokenizer(ChatTokenizer):
 
     def is_special(self, token_id: int) -> bool:
         return self._tokenizer.is_special(int(token_id))
+
+    def _is_never_text(self, token_id: int) -> bool:
+        return self.is_special(token_id) or token_id == self._tokenizer.unk_id
 
 
 def _from_unversioned_sentencepiece(path: Path) -> MistralTokenizer:

@@ -3,6 +3,7 @@ apps, a live server, and OpenAI's published schemas to check what we send."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 import threading
 import time
@@ -64,10 +65,17 @@ def engine(make_engine):
     return make_engine()
 
 
+def pytest_generate_tests(metafunc):
+    if "api_db_backend" in metafunc.fixturenames:
+        metafunc.parametrize("api_db_backend", getattr(metafunc.module, "API_DB_BACKENDS", ["sqlite"]),
+                             scope="module")
+
+
 @pytest.fixture(scope="module")
-def api_db(tmp_path_factory):
-    """A session factory on a migrated SQLite database of this module's own."""
-    url = database_url_for("sqlite", tmp_path_factory.mktemp("db"))
+def api_db(tmp_path_factory, api_db_backend):
+    """A session factory on a migrated database of this module's own: SQLite, or each of the
+    backends a module names in its API_DB_BACKENDS (the storage-heavy HTTP tests name both)."""
+    url = database_url_for(api_db_backend, tmp_path_factory.mktemp("db"))
     upgrade_to_head(url)
     engine = create_db_engine(url)
     yield create_session_factory(engine)
@@ -102,9 +110,9 @@ def client(app, api_key):
         yield client
 
 
-@pytest.fixture(scope="module")
-def live_url(app):
-    """The app under a real uvicorn on a free loopback port."""
+@contextmanager
+def serving(app):
+    """`app` under a real uvicorn on a free loopback port, in a thread: yields its base URL."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -113,9 +121,18 @@ def live_url(app):
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live_url(app):
+    """The app under a real uvicorn on a free loopback port."""
+    with serving(app) as url:
+        yield url
 
 
 def chat(**fields) -> dict:

@@ -1,34 +1,9 @@
-"""A real uvicorn on loopback: the official openai client, and a dropped stream freeing its KV blocks."""
+"""A real uvicorn on loopback: a dropped stream frees its KV blocks (the openai client: test_openai_client.py)."""
 
 import httpx
-import openai
 import pytest
 
 from tests.api.conftest import MODEL_ID, NO_EOS, bearer, wait_until
-
-
-@pytest.mark.parametrize("path, model", [("/v1", MODEL_ID), ("/api/ai", "open-mistral-7b")])
-def test_the_openai_client_works_plain_and_streaming(live_url, api_key, path, model):
-    client = openai.OpenAI(base_url=live_url + path, api_key=api_key, max_retries=0)
-    completion = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
-        logit_bias={0: -100})
-    assert completion.choices[0].finish_reason == "length"
-    assert completion.usage.completion_tokens == 8
-    assert completion.choices[0].message.tool_calls in ([], None)
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
-        logit_bias={0: -100}, stream=True, stream_options={"include_usage": True})
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == completion.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == 8
-    assert [m.id for m in client.models.list()] == [MODEL_ID, "open-mistral-7b"]
-    with pytest.raises(openai.NotFoundError) as error:
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
-    assert error.value.code == "model_not_found"
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], temperature=5)
 
 
 def test_a_client_that_drops_a_stream_aborts_it_and_frees_its_kv_blocks(live_url, api_key, engine):

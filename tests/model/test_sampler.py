@@ -229,3 +229,62 @@ def test_zero_logprobs_gives_the_chosen_logprob_only():
 def test_wrong_number_of_rows_is_an_error():
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 5), [SamplingRow(temperature=0.0)])
+
+
+# the grammar mask (constrained decoding)
+
+def packed_bitmask(allowed_per_row: list[set[int] | None], vocab_size: int) -> torch.Tensor:
+    """(num_rows, ceil(vocab_size / 32)) int32: bit j of word w allows token 32 * w + j; None allows all."""
+    num_words = (vocab_size + 31) // 32
+    rows = []
+    for allowed in allowed_per_row:
+        ids = range(num_words * 32) if allowed is None else allowed
+        words = [0] * num_words
+        for token_id in ids:
+            words[token_id // 32] |= 1 << (token_id % 32)
+        rows.append([w - (1 << 32) if w >= 1 << 31 else w for w in words])  # as int32
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def test_greedy_takes_the_best_allowed_token():
+    tokens = Sampler()(LOGITS[None], [SamplingRow(temperature=0)], packed_bitmask([{2, 4}], 5))
+    assert tokens[0].token_id == 2
+
+
+def test_sampling_stays_within_the_mask_in_proportion():
+    row = SamplingRow(temperature=1.0)
+    mask = packed_bitmask([{1, 3}] * NUM_DRAWS, 5)
+    ids = [t.token_id for t in Sampler(seed=0)(LOGITS.expand(NUM_DRAWS, -1), [row] * NUM_DRAWS, mask)]
+    counts = frequencies(ids, 5)
+    assert counts[[0, 2, 4]].sum() == 0
+    assert abs(counts[1] - 0.75) < TOLERANCE  # 0.3 / (0.3 + 0.1)
+
+
+def test_the_mask_overrides_logit_bias_and_penalties():
+    row = SamplingRow(temperature=0, logit_bias={0: 100.0}, repetition_penalty=0.5, output_token_ids=(0,))
+    assert Sampler()(LOGITS[None], [row], packed_bitmask([{3}], 5))[0].token_id == 3
+
+
+def test_unmasked_rows_in_a_masked_batch_are_untouched():
+    logits = torch.randn(3, 70, generator=torch.Generator().manual_seed(0))
+    rows = [SamplingRow(temperature=1.0)] * 3
+    mask = packed_bitmask([None, {5, 64, 69}, None], 70)  # two words, the second partly used
+    processed = process_logits(logits, rows, mask)
+    assert torch.equal(processed[[0, 2]], logits[[0, 2]])
+    assert torch.isfinite(processed[1]).nonzero().flatten().tolist() == [5, 64, 69]
+
+
+def test_the_mask_draws_no_randomness_and_leaves_logprobs_raw():
+    generators = [torch.Generator().manual_seed(7) for _ in range(2)]
+    masked = Sampler()(LOGITS[None], [SamplingRow(temperature=1.0, generator=generators[0], num_logprobs=2)],
+                       packed_bitmask([{4}], 5))[0]
+    Sampler()(LOGITS[None], [SamplingRow(temperature=1.0, generator=generators[1])])
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())
+    assert masked.token_id == 4
+    assert masked.logprob == pytest.approx(math.log(0.05), abs=1e-5)
+    assert [t for t, _ in masked.top_logprobs] == [0, 1]
+
+
+def test_a_bitmask_of_the_wrong_shape_is_an_error():
+    with pytest.raises(ValueError, match="bitmask"):
+        Sampler()(LOGITS[None], [SamplingRow(temperature=0)], packed_bitmask([{1}], 64))

@@ -13,24 +13,32 @@ from sqlalchemy.orm import Session, sessionmaker
 from mistral_serve import __version__
 from mistral_serve.api import errors
 from mistral_serve.api.deps import ServingState
+from mistral_serve.api.limits import InProcessCounters, RateLimiter, RedisCounters
 from mistral_serve.api.metrics import ServingMetrics
-from mistral_serve.api.routes import health, openai
+from mistral_serve.api.routes import accounts, health, openai, web
 from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import KeyStore
+from mistral_serve.db.usage_writer import UsageWriter
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 
 API_STYLES = {"/v1": "OpenAI style", "/api/ai": "Oxen style"}
 
 
-def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessionmaker[Session]) -> FastAPI:
+def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessionmaker[Session],
+               limiter: RateLimiter | None = None) -> FastAPI:
     """An app serving `engines` (model id → engine) to the keys in `db`, a migrated database. It starts
-    the engines on startup and stops them on shutdown."""
+    the engines and the usage writer on startup and stops them on shutdown. `limiter`: by default,
+    counters in Redis when settings.redis_url is set, else in this process."""
     catalog = Catalog.from_engines(engines, quantization=settings.quantize)
-    state = ServingState(settings, catalog, KeyStore(db), ServingMetrics(catalog))
+    if limiter is None:
+        counters = RedisCounters(settings.redis_url) if settings.redis_url else InProcessCounters()
+        limiter = RateLimiter(counters, db)
+    state = ServingState(settings, catalog, KeyStore(db), ServingMetrics(catalog), limiter, UsageWriter(db))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.usage.start()
         for model in state.catalog:
             model.engine.start()
         state.is_ready = True
@@ -40,15 +48,19 @@ def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessi
             state.is_ready = False
             for model in state.catalog:
                 await asyncio.to_thread(model.engine.shutdown)
+            await state.limiter.close()
+            await asyncio.to_thread(state.usage.close)  # every request's row is written before we stop
 
     app = FastAPI(title="mistral-serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions for Mistral-7B-Instruct.")
     app.state.serving = state
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(accounts.router)
     for prefix, style in API_STYLES.items():
         app.include_router(openai.router, prefix=prefix, tags=[style],
                            generate_unique_id_function=_operation_id(prefix))
+    app.include_router(web.router)  # the workbench and dashboard at /
     return app
 
 

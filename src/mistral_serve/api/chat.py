@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import json
 import logging
 import math
@@ -19,8 +19,11 @@ from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.metrics import RequestTimer
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs, ChunkChoice,
-    DeltaMessage, PromptTokensDetails, ResponseMessage, TokenLogprob, TopLogprob, Usage,
+    DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCallOut, PromptTokensDetails, ResponseMessage,
+    TokenLogprob, ToolCall, TopLogprob, Usage,
 )
+from mistral_serve.api.tools import ChoiceReader, ToolCalling, tool_calls_token_id
+from mistral_serve.api.usage import CLIENT_CLOSED_REQUEST, RequestMeter
 from mistral_serve.catalog import ServedModel
 from mistral_serve.engine.async_engine import EngineStoppedError
 from mistral_serve.engine.engine import CompletionDelta
@@ -42,29 +45,72 @@ class Generation:
     prompt_token_ids: list[int]
     params: SamplingParams
     timer: RequestTimer | None = None  # records latencies and token counts for /metrics
+    meter: RequestMeter | None = None  # writes the usage row when the request ends
+    tool_calling: ToolCalling | None = None  # how the output is read for tool calls; None: never
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def max_num_completion_tokens(self) -> int:
+        """The most tokens the choices together may generate."""
+        num_per_choice = self.request.max_new_tokens
+        if num_per_choice is None:
+            num_per_choice = self.served.context_length - len(self.prompt_token_ids)
+        return self.params.n * num_per_choice
 
-def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer | None = None) -> Generation:
+
+def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer | None = None,
+            meter: RequestMeter | None = None) -> Generation:
     """Tokenize and check the request; every problem is a 400 that says what to change."""
     engine = served.engine.engine
-    messages = [message.model_dump(exclude_none=True) for message in request.messages]
+    tool_calling = _tool_calling(request, served)
+    messages = [message.model_dump(exclude_none=True, by_alias=True) for message in request.messages]
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
     try:
-        prompt = engine.tokenizer.encode_chat(messages)
+        prompt = engine.tokenizer.encode_chat(messages, tools=tools)
     except ChatTemplateError as error:
         raise invalid_request(f"Invalid messages: {error}", param="messages") from None
     try:
-        params = request.to_sampling_params()
+        params = request.to_sampling_params(**served.card.sampling_defaults)
     except ValueError as error:
-        raise invalid_request(f"Invalid request: {error}") from None
+        raise invalid_request(f"Invalid request: {error}", param=_guided_param(request)) from None
+    if tool_calling is not None and tool_calling.is_forced:
+        prompt = [*prompt, tool_calling.token_id]  # the grammar writes the calls that follow it
+    elif request.effective_tool_choice == "none":  # the tools stay in the prompt; calling them is banned
+        params = replace(params, logit_bias={**params.logit_bias, tool_calls_token_id(engine.tokenizer): -100.0})
     _check_context(len(prompt), request.max_new_tokens, served.context_length)
     try:
-        engine.validate(prompt, params)
+        engine.validate(prompt, replace(params, guided=None))
     except ValueError as error:
         param = "logit_bias" if "token id" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None
-    return Generation(request, served, prompt, params, timer)
+    try:
+        engine.validate(prompt, params)  # compiles the grammar, once per schema
+    except ValueError as error:
+        raise invalid_request(f"Invalid request: {error}", param=_guided_param(request)) from None
+    generation = Generation(request, served, prompt, params, timer, tool_calling=tool_calling)
+    if meter is None:
+        return generation
+    return replace(generation, meter=meter, completion_id=meter.request_id)
+
+
+def _tool_calling(request: ChatCompletionRequest, served: ServedModel) -> ToolCalling | None:
+    """How to read this request's output for calls; a 400 when the model cannot call tools."""
+    token_id = tool_calls_token_id(served.engine.engine.tokenizer)
+    if request.tools is not None and token_id is None:
+        raise invalid_request(f"The model {request.model!r} does not support 'tools' (function calling); "
+                              "send the request without tools, or to a model that supports them.",
+                              param="tools", code="unsupported_parameter")
+    if request.effective_tool_choice in (None, "none"):
+        return None
+    return ToolCalling(token_id, request.is_tool_call_forced, request.max_num_tool_calls)
+
+
+def _guided_param(request: ChatCompletionRequest) -> str | None:
+    """The field whose schema a grammar error is about."""
+    if request.is_tool_call_forced:
+        return "tools"
+    return "response_format" if request.response_format is not None else None
 
 
 def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> None:
@@ -93,46 +139,95 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
 
     for index in range(generation.params.n):
         yield chunk([ChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-    num_output_tokens: dict[int, int] = {}
-    num_cached_tokens = 0  # the prompt is counted once: as the first choice saw it
+    progress = _Progress()
     engine = generation.served.engine
-    timer = generation.timer
-    outcome = "aborted"  # unless the loop below runs to its end or fails
+    readers = ([generation.tool_calling.reader() for _ in range(generation.params.n)]
+               if generation.tool_calling is not None else None)
     try:
         deltas = engine.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id)
         async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
             async for delta in deltas:
                 if delta.finish_reason == "abort":
                     raise APIError(503, "The generation was aborted by the server.", type="server_error")
-                if timer is not None:
-                    timer.on_tokens(delta.index, len(delta.token_ids))
-                num_output_tokens[delta.index] = delta.num_output_tokens
-                if delta.index == 0:
-                    num_cached_tokens = delta.num_cached_tokens
-                if delta.text or delta.logprobs or delta.finish_reason:
-                    yield chunk([ChunkChoice(index=delta.index,
-                                             delta=DeltaMessage(content=delta.text if delta.text or delta.logprobs
-                                                                else None),
-                                             logprobs=_logprobs(engine.engine.tokenizer, delta),
-                                             finish_reason=delta.finish_reason)])
-        outcome = "finished"
+                progress.on_delta(generation, delta)
+                choice = _chunk_choice(engine.engine.tokenizer, delta, readers[delta.index] if readers else None)
+                if choice is not None:
+                    yield chunk([choice])
+        progress.outcome, progress.http_status = "finished", 200
     except EngineStoppedError:
-        outcome = "failed"
+        progress.http_status = 503
         raise APIError(503, "The model is not running; try again shortly.", headers={"Retry-After": "5"}) from None
     except ValueError as error:  # the engine refused the request after all
-        outcome = "failed"
+        progress.http_status = 400
         raise invalid_request(f"Invalid request: {error}") from None
+    except APIError as error:
+        progress.http_status = error.status_code
+        raise
     except Exception:
-        outcome = "failed"
+        progress.http_status = 500
         raise
     finally:
-        if timer is not None:
-            timer.on_end(len(generation.prompt_token_ids), sum(num_output_tokens.values()), outcome)
+        progress.on_end(generation)
     num_prompt_tokens = len(generation.prompt_token_ids)
-    num_completion_tokens = sum(num_output_tokens.values())
+    num_completion_tokens = progress.num_completion_tokens
     yield chunk([], Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
                           total_tokens=num_prompt_tokens + num_completion_tokens,
-                          prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached_tokens)))
+                          prompt_tokens_details=PromptTokensDetails(cached_tokens=progress.num_cached_tokens)))
+
+
+def _chunk_choice(tokenizer, delta: CompletionDelta, reader: ChoiceReader | None) -> ChunkChoice | None:
+    """What one engine delta adds to its choice: content, pieces of tool calls, the end; None: nothing."""
+    text, calls, finish_reason = delta.text, [], delta.finish_reason
+    if reader is not None:
+        text, calls = reader.on_delta(delta.text, delta.token_ids)
+        if finish_reason:
+            rest, finish_reason = reader.finish(finish_reason)  # calls that do not parse become content
+            text += rest
+    if not (text or calls or delta.logprobs or finish_reason):
+        return None
+    tool_calls = [DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
+                                function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+                  for call in calls]
+    return ChunkChoice(index=delta.index,
+                       delta=DeltaMessage(content=text if text or delta.logprobs else None,
+                                          tool_calls=tool_calls or None),
+                       logprobs=_logprobs(tokenizer, delta), finish_reason=finish_reason)
+
+
+@dataclass
+class _Progress:
+    """How far a generation got: what its end reports to /metrics and to the usage row."""
+
+    num_output_tokens: dict[int, int] = field(default_factory=dict)  # per choice
+    num_cached_tokens: int = 0  # the prompt is counted once: as the first choice saw it
+    finish_reason: str | None = None  # the first choice's
+    outcome: str = "aborted"  # unless the generation runs to its end ("finished") or fails
+    http_status: int | None = None  # set when it fails
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(self.num_output_tokens.values())
+
+    def on_delta(self, generation: Generation, delta: CompletionDelta) -> None:
+        if generation.timer is not None:
+            generation.timer.on_tokens(delta.index, len(delta.token_ids))
+        if generation.meter is not None and delta.token_ids:
+            generation.meter.on_first_token()
+        self.num_output_tokens[delta.index] = delta.num_output_tokens
+        if delta.index == 0:
+            self.num_cached_tokens = delta.num_cached_tokens
+            self.finish_reason = delta.finish_reason or self.finish_reason
+
+    def on_end(self, generation: Generation) -> None:
+        if self.http_status is not None and self.outcome != "finished":
+            self.outcome = "failed"
+        num_prompt_tokens = len(generation.prompt_token_ids)
+        if generation.timer is not None:
+            generation.timer.on_end(num_prompt_tokens, self.num_completion_tokens, self.outcome)
+        if generation.meter is not None:
+            status = {"finished": "ok", "failed": "error", "aborted": "aborted"}[self.outcome]
+            generation.meter.on_end(status, self.http_status or CLIENT_CLOSED_REQUEST, num_prompt_tokens,
+                                    self.num_cached_tokens, self.num_completion_tokens, self.finish_reason)
 
 
 def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
@@ -176,6 +271,10 @@ def chunk_body(chunk: ChatCompletionChunk, include_usage: bool) -> dict:
     body = chunk.model_dump(mode="json")
     for choice in body["choices"]:
         choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
+        for call in choice["delta"].get("tool_calls", ()):
+            for key in [key for key, value in call.items() if value is None]:
+                del call[key]
+            call["function"] = {key: value for key, value in call["function"].items() if value is not None}
     if not include_usage:
         del body["usage"]
     return body
@@ -185,6 +284,7 @@ async def complete(generation: Generation) -> ChatCompletionResponse:
     """The non-streaming reply, gathered from the chunks."""
     n = generation.params.n
     texts: list[list[str]] = [[] for _ in range(n)]
+    calls: list[dict[int, dict]] = [{} for _ in range(n)]  # per choice: call index → id, name, argument pieces
     logprobs: list[list[TokenLogprob] | None] = [None] * n
     finish_reasons: list[str | None] = [None] * n
     usage = None
@@ -193,6 +293,10 @@ async def complete(generation: Generation) -> ChatCompletionResponse:
             usage = chunk.usage or usage
             for choice in chunk.choices:
                 texts[choice.index].append(choice.delta.content or "")
+                for call in choice.delta.tool_calls or ():
+                    gathered = calls[choice.index].setdefault(call.index, {"id": call.id, "name": call.function.name,
+                                                                           "arguments": []})
+                    gathered["arguments"].append(call.function.arguments or "")
                 if choice.logprobs is not None:
                     logprobs[choice.index] = (logprobs[choice.index] or []) + (choice.logprobs.content or [])
                 finish_reasons[choice.index] = choice.finish_reason or finish_reasons[choice.index]
@@ -202,8 +306,17 @@ async def complete(generation: Generation) -> ChatCompletionResponse:
     wants_logprobs = generation.params.logprobs
     return ChatCompletionResponse(
         id=generation.completion_id, created=generation.created, model=generation.request.model,
-        choices=[Choice(index=index, message=ResponseMessage(content="".join(texts[index])),
+        choices=[Choice(index=index, message=_message("".join(texts[index]), calls[index], finish_reasons[index]),
                         logprobs=ChoiceLogprobs(content=logprobs[index] or []) if wants_logprobs else None,
                         finish_reason=finish_reasons[index])
                  for index in range(n)],
         usage=usage)
+
+
+def _message(text: str, calls: dict[int, dict], finish_reason: str) -> ResponseMessage:
+    """A choice's message: with tool calls, content is null unless the model wrote text before them."""
+    if finish_reason != "tool_calls":  # calls that did not parse were sent again as content
+        return ResponseMessage(content=text)
+    return ResponseMessage(content=text or None, tool_calls=[
+        ToolCall(id=call["id"], function=FunctionCallOut(name=call["name"], arguments="".join(call["arguments"])))
+        for _, call in sorted(calls.items())])

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from mistral_serve.api.errors import APIError, from_validation_error
+from mistral_serve.api.limits import RateLimiter
 from mistral_serve.api.metrics import ServingMetrics
+from mistral_serve.api.usage import RequestMeter
 from mistral_serve.api.protocol import ChatCompletionRequest
 from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import ActiveKey, KeyRefused, KeyStore, KeyStoreUnavailable
+from mistral_serve.db.usage_writer import UsageWriter
 from mistral_serve.settings import Settings
 
 MAX_BODY_BYTES = 4 << 20  # a 32k-token conversation is far smaller
@@ -26,7 +32,14 @@ class ServingState:
     catalog: Catalog
     keys: KeyStore
     metrics: ServingMetrics
+    limiter: RateLimiter
+    usage: UsageWriter
     is_ready: bool = False  # the engines are running
+
+    def meter(self, key: ActiveKey, model: str) -> RequestMeter:
+        """The usage meter of a request that `key` makes now."""
+        now = datetime.fromtimestamp(self.limiter.clock(), timezone.utc)  # the limiter's time: budgets agree
+        return RequestMeter(self.usage, self.limiter, key, model, created_at=now)
 
 
 def get_serving_state(request: Request) -> ServingState:
@@ -43,6 +56,15 @@ def require_ready(state: State) -> None:
 
 
 Ready = Annotated[None, Depends(require_ready)]
+
+
+def db_session(state: State) -> Iterator[Session]:
+    """A database session for one request, closed after it (crud commits; nothing here does)."""
+    with state.keys.sessions() as session:
+        yield session
+
+
+DbSession = Annotated[Session, Depends(db_session)]
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `mistral-serve keys create --email E --name N`")

@@ -12,9 +12,9 @@ from mistral_serve.api.protocol import ErrorDetail, ErrorResponse
 
 # OpenAI request fields this server does not honour yet: named in the 400, never silently ignored
 UNSUPPORTED_FIELDS = frozenset({
-    "audio", "function_call", "functions", "logit_bias_type", "metadata", "modalities", "parallel_tool_calls",
+    "audio", "function_call", "functions", "logit_bias_type", "metadata", "modalities",
     "prediction", "prompt_cache_key", "reasoning_effort", "safety_identifier", "service_tier", "store",
-    "tool_choice", "tools", "verbosity", "web_search_options",
+    "verbosity", "web_search_options",
 })
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -62,9 +62,9 @@ def from_validation_error(error: ValidationError | RequestValidationError) -> AP
                                    param=param, code="unsupported_parameter")
         return invalid_request(f"Unrecognized request argument supplied: {param}", param=param,
                                code="unknown_parameter")
-    if loc[:1] == ["response_format"]:
-        return invalid_request("Only response_format {\"type\": \"text\"} is supported by this server yet.",
-                               param=param, code="unsupported_parameter")
+    if loc == ["response_format"] and kind == "union_tag_invalid":
+        return invalid_request("response_format must have type text, json_object or json_schema.",
+                               param=param, code="invalid_value")
     if kind == "union_tag_invalid":
         message = f"unknown role {first['input'].get('role')!r}; expected system, user, assistant or tool"
     if kind == "value_error":

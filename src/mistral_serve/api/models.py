@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from mistral_serve.api.protocol import ChatCompletionRequest, ModelCapabilities, ModelObject
+from mistral_serve.api.tools import tool_calls_token_id
 from mistral_serve.catalog import Catalog, ServedModel
 
-# what the API can do today, whatever the model can: tools and JSON mode come in later steps
-API_SUPPORTS_TOOLS = False
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def capabilities(served: ServedModel) -> ModelCapabilities:
+    """What this model accepts: tools when its tokenizer has the tool-call tokens; JSON output always
+    (constrained decoding works with every tokenizer)."""
+    return ModelCapabilities(tools=tool_calls_token_id(served.engine.engine.tokenizer) is not None,
+                             json_mode=True, json_schema=True)
 
 
 def model_object(name: str, served: ServedModel, catalog: Catalog) -> ModelObject:
@@ -14,7 +21,7 @@ def model_object(name: str, served: ServedModel, catalog: Catalog) -> ModelObjec
     return ModelObject(
         id=name, created=served.created, owned_by=card.owned_by, display_name=card.display_name,
         description=card.description, context_length=served.context_length,
-        capabilities=ModelCapabilities(tools=card.supports_tools and API_SUPPORTS_TOOLS),
+        capabilities=capabilities(served),
         quantization=served.quantization,
         json_request_schema=request_schema(served, [n for n in catalog.names if catalog.get(n) is served]))
 
@@ -30,5 +37,12 @@ def request_schema(served: ServedModel, names: list[str]) -> dict:
         for branch in properties[name]["anyOf"]:
             if branch.get("type") == "integer":
                 branch["maximum"] = max_new_tokens
+    for name, default in served.card.sampling_defaults.items():
+        properties[name]["default"] = default
+    if not capabilities(served).tools:  # additionalProperties is false: a body with tools is refused
+        for name in TOOL_FIELDS:
+            del properties[name]
+        schema["allOf"] = [rule for rule in schema["allOf"]
+                           if "tool_choice" not in rule.get("if", {}).get("required", ())]
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from mistral_serve.engine.params import SamplingParams
+from mistral_serve.api.tools import tool_calls_schema
+from mistral_serve.engine.params import GuidedDecoding, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit too
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 _SMALLEST_TOP_P = 1e-9
 
@@ -35,8 +37,13 @@ Content = Union[str, list[TextPart]]
 
 class SystemMessage(_Request):
     content: Content
-    role: Literal["system"]
+    role: Literal["system", "developer"]  # "developer": OpenAI's newer name for the system message
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        return "system"
 
 
 class UserMessage(_Request):
@@ -45,11 +52,26 @@ class UserMessage(_Request):
     name: str | None = None
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallParam(_Request):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Request):
     content: Content | None = None
     refusal: str | None = None
     role: Literal["assistant"]
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
 
 
 class ToolMessage(_Request):
@@ -58,11 +80,68 @@ class ToolMessage(_Request):
     tool_call_id: str
 
 
-Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
+def _role_tag(message) -> str | None:
+    """The message class a role picks: "developer" is a system message; None when there is no role."""
+    role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+    if not isinstance(role, str):
+        return None
+    return "system" if role == "developer" else role
+
+
+Message = Annotated[Union[Annotated[SystemMessage, Tag("system")], Annotated[UserMessage, Tag("user")],
+                          Annotated[AssistantMessage, Tag("assistant")], Annotated[ToolMessage, Tag("tool")]],
+                    Discriminator(_role_tag, custom_error_type="invalid_role", custom_error_message=(
+                        "a message's role must be one of system (or developer), user, assistant or tool"))]
 
 
 class ResponseFormatText(_Request):
     type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Request):
+    name: FunctionName
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # always strict here: the output validates against the schema
+
+
+class ResponseFormatJsonSchema(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema],
+                           Field(discriminator="type")]
+
+
+# tools
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema; None: no parameters
+    strict: bool | None = None  # always strict when a call is forced; see ChatCompletionRequest.tool_choice
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required", "any"], NamedToolChoice]  # "any": Mistral's "required"
 
 
 class StreamOptions(_Request):
@@ -85,6 +164,8 @@ def _schema_as_validated(schema: dict) -> None:
               {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}),
         needs("stream_options", {"type": "object"},
               {"properties": {"stream": {"const": True}}, "required": ["stream"]}),
+        needs("tool_choice", {"not": {"type": "null"}},
+              {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]}),
         {"not": {"required": ["max_tokens", "max_completion_tokens"],
                  "properties": {"max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"}}}},
     ]
@@ -96,26 +177,51 @@ class ChatCompletionRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     model: str
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[TokenIdKey, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: Annotated[dict[TokenIdKey, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    response_format: ResponseFormatText | None = None
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=1.0, ge=0.0, le=1.0)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # "auto" when there are tools
+    parallel_tool_calls: bool | None = None  # true unless false
     user: str | None = None
     # --- extensions (not OpenAI's; accepted by other hosted providers) ---
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     # --- end of extensions ---
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("each tool needs its own function name")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: ToolChoice | None, info) -> ToolChoice | None:
+        if choice is None or "tools" not in info.data:  # tools failed validation: that is the error
+            return choice
+        names = [tool.function.name for tool in info.data["tools"] or ()]
+        if not names:
+            raise ValueError("tool_choice is only allowed when tools are given")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools "
+                             f"({', '.join(names)})")
+        return choice
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -127,14 +233,19 @@ class ChatCompletionRequest(_Request):
             raise ValueError("max_tokens and max_completion_tokens are the same limit; send one of them")
         return self
 
-    def to_sampling_params(self) -> SamplingParams:
-        """The engine's parameters for this request (raises ValueError for values the engine refuses)."""
+    def to_sampling_params(self, temperature: float = 1.0, top_p: float = 1.0) -> SamplingParams:
+        """The engine's parameters for this request (raises ValueError for values the engine refuses).
+        `temperature` and `top_p` are the model's defaults, for a request that leaves them out or null."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if "temperature" in self.model_fields_set and self.temperature is not None:
+            temperature = self.temperature
+        if "top_p" in self.model_fields_set and self.top_p is not None:
+            top_p = self.top_p
         return SamplingParams(
             n=self.n if self.n is not None else 1,
             max_tokens=self.max_new_tokens,
-            temperature=self.temperature if self.temperature is not None else 1.0,
-            top_p=max(self.top_p if self.top_p is not None else 1.0, _SMALLEST_TOP_P),  # top_p 0: the top token
+            temperature=temperature,
+            top_p=max(top_p, _SMALLEST_TOP_P),  # top_p 0: the top token
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
@@ -145,7 +256,40 @@ class ChatCompletionRequest(_Request):
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             stop=stop,
+            guided=self.guided_decoding,
         )
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice | None:
+        """None without tools; "required" for Mistral's "any"; "auto" by default."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        return "required" if choice == "any" else choice
+
+    @property
+    def is_tool_call_forced(self) -> bool:
+        return self.effective_tool_choice not in (None, "auto", "none")
+
+    @property
+    def max_num_tool_calls(self) -> int | None:
+        return 1 if self.parallel_tool_calls is False or isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def guided_decoding(self) -> GuidedDecoding | None:
+        """What the output must match: a forced tool call's array, or the response format."""
+        choice = self.effective_tool_choice
+        if self.is_tool_call_forced:
+            functions = [tool.function.model_dump(exclude_none=True) for tool in self.tools
+                         if not isinstance(choice, NamedToolChoice) or tool.function.name == choice.function.name]
+            return GuidedDecoding.json_schema(tool_calls_schema(functions, max_num_calls=self.max_num_tool_calls))
+        response_format = self.response_format
+        if isinstance(response_format, ResponseFormatJsonObject) or (
+                isinstance(response_format, ResponseFormatJsonSchema) and response_format.json_schema.schema_ is None):
+            return GuidedDecoding("json_object")
+        if isinstance(response_format, ResponseFormatJsonSchema):
+            return GuidedDecoding.json_schema(response_format.json_schema.schema_)
+        return None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -191,11 +335,22 @@ class Usage(_Response):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCallOut(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
-    tool_calls: list[dict] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -217,9 +372,22 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(_Response):
@@ -259,6 +427,7 @@ class ModelCapabilities(_Response):
     logprobs: bool = True
     tools: bool
     json_mode: bool = False
+    json_schema: bool = False
 
 
 class ModelObject(_Response):

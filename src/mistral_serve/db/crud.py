@@ -1,17 +1,19 @@
-"""Reads and writes of accounts and API keys. The only module that commits: callers pass a Session."""
+"""Reads and writes of accounts, API keys and usage. The only module that commits: callers pass a Session."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
 import hmac
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Date, case, cast, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from mistral_serve.db.models import BUDGET_PERIODS, Account, ApiKey, utcnow
-from mistral_serve.security import api_key_prefix, generate_api_key, hash_api_key, hash_password
+from mistral_serve.db.models import BUDGET_PERIODS, USAGE_STATUSES, Account, ApiKey, LoginSession, Usage, utcnow
+from mistral_serve.security import (api_key_prefix, generate_api_key, generate_token, hash_api_key, hash_password,
+                                    hash_session_token)
 
 MAX_EMAIL_CHARS = 254
 MAX_KEY_NAME_CHARS = 100
@@ -46,7 +48,8 @@ class KeyLimits:
 
 
 def normalize_email(email: str) -> str:
-    """One spelling per address: surrounding space dropped, lower case. Raise ValueError if it is none."""
+    """One spelling per address: surrounding space dropped, all of it in lower case (local parts that
+    differ only in case are one mailbox everywhere in practice). Raise ValueError if it is none."""
     normalized = email.strip().lower()
     local, at, domain = normalized.rpartition("@")
     if (not at or not local or "." not in domain.strip(".") or len(normalized) > MAX_EMAIL_CHARS
@@ -88,21 +91,83 @@ def set_account_enabled(session: Session, account: Account, is_enabled: bool) ->
     return account
 
 
+def set_password(session: Session, account: Account, password: str) -> Account:
+    """Store a new hash of `password` (raises ValueError if it is too weak): a change, or a rehash."""
+    account.password_hash = hash_password(password)
+    session.commit()
+    return account
+
+
+def delete_account(session: Session, account: Account) -> None:
+    """The account goes, and with it its keys and sessions (ON DELETE CASCADE): its keys are refused from the
+    next request on. Its usage rows stay, without the link."""
+    session.execute(delete(Account).where(Account.id == account.id))
+    session.commit()
+
+
+# sessions (web dashboard logins)
+
+def create_login_session(session: Session, account: Account, lifetime: timedelta) -> str:
+    """A new session of `account` that expires after `lifetime` unless used: its raw token, returned once."""
+    token = generate_token()
+    now = utcnow()
+    session.add(LoginSession(token_hash=hash_session_token(token), account_id=account.id, created_at=now,
+                             expires_at=now + lifetime))
+    session.execute(delete(LoginSession).where(LoginSession.expires_at <= now))  # whoever logs in sweeps
+    session.commit()
+    return token
+
+
+def find_login_session(session: Session, token: str, lifetime: timedelta,
+                       min_interval: timedelta = timedelta(minutes=1)) -> LoginSession | None:
+    """The unexpired session whose token is `token`, with its account; its expiry slides to now +
+    `lifetime`, written at most once per `min_interval`. None if there is no such session."""
+    now = utcnow()
+    login = session.scalar(select(LoginSession).options(joinedload(LoginSession.account))
+                           .where(LoginSession.token_hash == hash_session_token(token)))
+    if login is None or login.expires_at <= now:
+        return None
+    if login.expires_at - lifetime <= now - min_interval:
+        login.expires_at = now + lifetime
+        session.commit()
+    return login
+
+
+def delete_login_session(session: Session, token: str) -> None:
+    session.execute(delete(LoginSession).where(LoginSession.token_hash == hash_session_token(token)))
+    session.commit()
+
+
+def delete_other_login_sessions(session: Session, account: Account, keep_token: str | None) -> int:
+    """End every session of `account` but the one of `keep_token`: how many ended."""
+    query = delete(LoginSession).where(LoginSession.account_id == account.id)
+    if keep_token is not None:
+        query = query.where(LoginSession.token_hash != hash_session_token(keep_token))
+    result = session.execute(query)
+    session.commit()
+    return result.rowcount
+
+
 # API keys
 
 def create_api_key(session: Session, account: Account, name: str,
                    limits: KeyLimits = KeyLimits()) -> tuple[ApiKey, str]:
     """A new enabled key for `account`, and its raw secret: returned once, stored only as a hash."""
-    name = name.strip()
-    if not name or len(name) > MAX_KEY_NAME_CHARS:
-        raise ValueError(f"a key name has 1 to {MAX_KEY_NAME_CHARS} characters")
     raw_key = generate_api_key()
-    key = ApiKey(account_id=account.id, name=name, prefix=api_key_prefix(raw_key), key_hash=hash_api_key(raw_key),
+    key = ApiKey(account_id=account.id, name=_key_name(name), prefix=api_key_prefix(raw_key),
+                 key_hash=hash_api_key(raw_key),
                  requests_per_minute=limits.requests_per_minute, tokens_per_minute=limits.tokens_per_minute,
                  token_budget=limits.token_budget, budget_period=limits.budget_period)
     session.add(key)
     session.commit()
     return key, raw_key
+
+
+def _key_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_KEY_NAME_CHARS:
+        raise ValueError(f"a key name has 1 to {MAX_KEY_NAME_CHARS} characters")
+    return name
 
 
 def find_key_by_raw(session: Session, raw_key: str) -> ApiKey | None:
@@ -116,6 +181,25 @@ def find_key_by_raw(session: Session, raw_key: str) -> ApiKey | None:
 
 def get_key(session: Session, key_id: int) -> ApiKey | None:
     return session.get(ApiKey, key_id, options=[joinedload(ApiKey.account)])
+
+
+def get_account_key(session: Session, account: Account, key_id: int) -> ApiKey | None:
+    """`account`'s key `key_id`; None for an unknown id and for another account's key alike."""
+    return session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.account_id == account.id))
+
+
+def update_key(session: Session, key: ApiKey, *, name: str | None = None, is_enabled: bool | None = None,
+               limits: KeyLimits | None = None) -> ApiKey:
+    """Rename, enable or disable `key`, or replace all its limits; what is None stays as it is."""
+    if name is not None:
+        key.name = _key_name(name)
+    if is_enabled is not None:
+        key.is_enabled = is_enabled
+    if limits is not None:
+        key.requests_per_minute, key.tokens_per_minute = limits.requests_per_minute, limits.tokens_per_minute
+        key.token_budget, key.budget_period = limits.token_budget, limits.budget_period
+    session.commit()
+    return key
 
 
 def find_keys_by_prefix(session: Session, prefix: str) -> list[ApiKey]:
@@ -156,3 +240,128 @@ def touch_key_last_used(session: Session, key_id: int, now: datetime | None = No
         .execution_options(synchronize_session=False))
     session.commit()
     return result.rowcount == 1
+
+
+# usage
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One chat request's usage, as the API layer reports it; a `usage` row once written."""
+
+    request_id: str
+    key_id: int | None
+    account_id: int | None
+    model: str
+    status: str  # one of USAGE_STATUSES
+    http_status: int
+    duration_ms: int
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    time_to_first_token_ms: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        if self.status not in USAGE_STATUSES:
+            raise ValueError(f"usage status must be one of {', '.join(USAGE_STATUSES)}, got {self.status!r}")
+
+
+def record_usage_batch(session: Session, records: Sequence[UsageRecord]) -> None:
+    """Insert `records` in one statement and one transaction: all of them or none. A row whose key or
+    account was deleted meanwhile is kept, without the link."""
+    if not records:
+        return
+    rows = [asdict(record) for record in records]
+    key_ids = set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_({row["key_id"] for row in rows}))))
+    account_ids = set(session.scalars(select(Account.id).where(
+        Account.id.in_({row["account_id"] for row in rows}))))
+    for row in rows:
+        row["key_id"] = row["key_id"] if row["key_id"] in key_ids else None
+        row["account_id"] = row["account_id"] if row["account_id"] in account_ids else None
+    session.execute(insert(Usage), rows)
+    session.commit()
+
+
+def count_key_tokens(session: Session, key_id: int, since: datetime) -> int:
+    """Prompt and completion tokens of `key_id`'s requests since `since`: what its budget has spent."""
+    return session.scalar(select(func.coalesce(func.sum(Usage.prompt_tokens + Usage.completion_tokens), 0))
+                          .where(Usage.key_id == key_id, Usage.created_at >= since))
+
+
+USAGE_GROUPS = ("key", "model", "day")
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    """The sums over one group of usage rows; a field the rows were not grouped by is None."""
+
+    key_id: int | None
+    key_name: str | None  # None too when the key was deleted
+    model: str | None
+    day: date | None  # UTC
+    num_requests: int
+    num_failed_requests: int  # error, limited or aborted
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_totals(session: Session, *, account_id: int | None = None, since: datetime | None = None,
+                 until: datetime | None = None, by: Sequence[str] = ("key", "model")) -> list[UsageTotal]:
+    """Totals of the usage rows of `account_id` (or of all) created in [since, until), grouped by any of
+    "key", "model" and "day" (UTC), ordered by those groups."""
+    unknown = set(by) - set(USAGE_GROUPS)
+    if unknown:
+        raise ValueError(f"usage can be grouped by {', '.join(USAGE_GROUPS)}, not {', '.join(sorted(unknown))}")
+    key_columns = [Usage.key_id, ApiKey.name] if "key" in by else []
+    model_columns = [Usage.model] if "model" in by else []
+    day_columns = [_utc_day(session)] if "day" in by else []
+    columns = key_columns + model_columns + day_columns
+    is_failed = case((Usage.status == "ok", 0), else_=1)
+    query = (select(*columns, func.count(), func.sum(is_failed), func.sum(Usage.prompt_tokens),
+                    func.sum(Usage.cached_prompt_tokens), func.sum(Usage.completion_tokens))
+             .select_from(Usage).outerjoin(ApiKey, ApiKey.id == Usage.key_id))
+    if account_id is not None:
+        query = query.where(Usage.account_id == account_id)
+    if since is not None:
+        query = query.where(Usage.created_at >= since)
+    if until is not None:
+        query = query.where(Usage.created_at < until)
+    if columns:
+        query = query.group_by(*columns).order_by(*columns)
+    totals = []
+    for row in session.execute(query):
+        groups = iter(row[:len(columns)])
+        key_id, key_name = (next(groups), next(groups)) if key_columns else (None, None)
+        model = next(groups) if model_columns else None
+        day = _as_date(next(groups)) if day_columns else None
+        sums = [int(value or 0) for value in row[len(columns):]]
+        totals.append(UsageTotal(key_id, key_name, model, day, *sums))
+    return totals
+
+
+def _utc_day(session: Session):
+    """The UTC calendar day of a usage row, on either backend."""
+    if session.get_bind().dialect.name == "postgresql":
+        return cast(func.timezone("UTC", Usage.created_at), Date)
+    return func.date(Usage.created_at)  # SQLite keeps the UTC time as text: its date part
+
+
+def _as_date(value) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(value)
+
+
+def list_usage(session: Session, account_id: int, *, since: datetime | None = None, until: datetime | None = None,
+               limit: int = 100) -> list[Usage]:
+    """`account_id`'s usage rows in [since, until), newest first, at most `limit`."""
+    query = select(Usage).where(Usage.account_id == account_id)
+    if since is not None:
+        query = query.where(Usage.created_at >= since)
+    if until is not None:
+        query = query.where(Usage.created_at < until)
+    return list(session.scalars(query.order_by(Usage.created_at.desc(), Usage.id.desc()).limit(limit)))

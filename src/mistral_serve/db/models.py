@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Integer, MetaData, String, true
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, String, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -17,6 +17,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 BUDGET_PERIODS = ("day", "month")
+USAGE_STATUSES = ("ok", "error", "limited", "aborted")
 
 
 def utcnow() -> datetime:
@@ -81,3 +82,46 @@ class ApiKey(Base):
     budget_period: Mapped[str | None] = mapped_column(String(5))  # "day" or "month", with token_budget
 
     account: Mapped[Account] = relationship(back_populates="api_keys")
+
+
+class LoginSession(Base):
+    """A web dashboard login: the cookie holds a random token, this row only its SHA-256 hash."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # SHA-256 hex of the token
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # slides forward while in use
+
+    account: Mapped[Account] = relationship()
+
+
+class Usage(Base):
+    """One row per chat request that had a valid key, however it ended: its tokens and timings."""
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        CheckConstraint("status IN ('ok', 'error', 'limited', 'aborted')", name="status"),
+        # the dashboard's and the budget's reads: one key's or one account's rows in a time range
+        Index("ix_usage_key_id_created_at", "key_id", "created_at"),
+        Index("ix_usage_account_id_created_at", "account_id", "created_at"),
+    )
+
+    # a 64-bit id where the table may grow large; SQLite's row id is 64-bit already, as INTEGER
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64))  # the completion id the client saw
+    # kept when the key or account is deleted: the totals stay true
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"))
+    model: Mapped[str] = mapped_column(String(200))  # as the client named it
+    prompt_tokens: Mapped[int] = mapped_column(Integer)  # 0 when the request never reached the engine
+    cached_prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)  # the tokens actually generated, all choices
+    status: Mapped[str] = mapped_column(String(10))  # one of USAGE_STATUSES
+    finish_reason: Mapped[str | None] = mapped_column(String(20))  # the first choice's
+    http_status: Mapped[int] = mapped_column(Integer)  # 499: the client went away
+    time_to_first_token_ms: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import logging
 
 from mistral_serve.engine.block_manager import BlockManager
+from mistral_serve.engine.guided import GrammarCompilerCache
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
 from mistral_serve.engine.scheduler import Scheduler
@@ -101,6 +102,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=eos)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
                                   eos_token_ids=eos, seed=config.seed)
+        self.grammars = GrammarCompilerCache(tokenizer, model_config.vocab_size)
         self.requests: dict[str, _Request] = {}
 
     # requests
@@ -118,6 +120,8 @@ class LLMEngine:
         bad_ids = [t for t in [*params.logit_bias, *params.stop_token_ids] if t >= vocab_size]
         if bad_ids:
             raise ValueError(f"token id {bad_ids[0]} is out of the vocabulary (size {vocab_size})")
+        if params.guided is not None:
+            self.grammars.compile(params.guided)  # once per spec; the engine thread finds it cached
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -132,6 +136,8 @@ class LLMEngine:
         request = _Request(seqs)
         for seq in seqs:
             request.streams[seq.seq_id] = TextStream(self._detokenizer(), params.stop)
+            if params.guided is not None:  # each choice its own matcher
+                self.runner.add_matcher(seq, self.grammars.matcher(params.guided))
             self.scheduler.add(seq)
         self.requests[request_id] = request
 
@@ -185,6 +191,8 @@ class LLMEngine:
         stream = request.streams[seq.seq_id]
         text = stream.push(token.token_id)
         if stream.is_stopped and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
+        if self.runner.is_grammar_terminated(seq) and not seq.is_finished:  # EOS with ignore_eos
             self.scheduler.finish(seq, FinishReason.STOP)
         if seq.is_finished:
             text += stream.finish()

@@ -3,10 +3,61 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 import math
+from typing import Literal
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
+
+GuidedKind = Literal["json_object", "json_schema", "regex", "ebnf"]
+GUIDED_KINDS = ("json_object", "json_schema", "regex", "ebnf")
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """What the output must match: any JSON object, a JSON Schema, a regular expression or an EBNF
+    grammar (xgrammar's GBNF dialect, with a `root` rule).
+
+    `spec` is the schema as JSON text, the regex or the grammar; "" for json_object. A schema is
+    stored re-serialised without whitespace, so requests with the same schema share one compiled
+    grammar; its key order is kept, since properties are generated in the schema's order.
+    """
+
+    kind: GuidedKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise ValueError(f"guided decoding kind must be one of {', '.join(GUIDED_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"the {self.kind} spec must be a string")
+        if self.kind == "json_object":
+            if self.spec:
+                raise ValueError("json_object takes no spec")
+        elif self.kind == "json_schema":
+            object.__setattr__(self, "spec", _canonical_schema(self.spec))
+        elif not self.spec:
+            raise ValueError(f"the {self.kind} spec is empty")
+
+    @classmethod
+    def json_schema(cls, schema: dict | bool | str) -> GuidedDecoding:
+        """From a schema as parsed JSON (a dict or a boolean) or as JSON text."""
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    @property
+    def schema(self) -> dict | bool | None:
+        return json.loads(self.spec) if self.kind == "json_schema" else None
+
+
+def _canonical_schema(text: str) -> str:
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"the JSON schema is not valid JSON: {e}") from e
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -28,6 +79,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens are out
+    guided: GuidedDecoding | None = None  # constrained decoding: the output must match this
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -56,6 +108,8 @@ class SamplingParams:
         check(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         check(self.min_tokens >= 0, f"min_tokens must not be negative, got {self.min_tokens}")
+        check(self.guided is None or isinstance(self.guided, GuidedDecoding),
+              f"guided must be a GuidedDecoding, got {type(self.guided).__name__}")
 
     @property
     def is_greedy(self) -> bool:

@@ -2,12 +2,15 @@
 
 It owns the KV cache, lays one step out as a flat token batch (decodes first, then prefill
 chunks), runs the model and the sampler, and hands back one token per sequence that samples.
+A sequence with a grammar matcher (constrained decoding) gets its row of the token bitmask filled
+before sampling, and its sampled token fed to the matcher after.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mistral_serve.engine.guided import GrammarMatcher, allocate_token_bitmask
 from mistral_serve.engine.scheduler import ScheduledSequence
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
@@ -37,6 +40,7 @@ class ModelRunner:
                           for _ in range(self.config.num_layers)]
         self.sampler = Sampler(seed)
         self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
+        self.matchers: dict[int, GrammarMatcher] = {}  # per constrained sequence
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[SampledToken | None]:
@@ -48,14 +52,28 @@ class ModelRunner:
         items = [batch[i] for i in order]
         token_ids, positions, meta, logits_indices = self.prepare_inputs(items)
         logits = self.model(token_ids, positions, self.kv_caches, meta, logits_indices)
-        sampling_items = [item for item in items if item.samples_token]
-        sampled = iter(self.sampler(logits, [self._sampling_row(item.seq) for item in sampling_items])
-                       if sampling_items else [])
+        sampling_seqs = [item.seq for item in items if item.samples_token]
+        sampled = iter(self._sample(logits, sampling_seqs) if sampling_seqs else [])
         results_in_order = [next(sampled) if item.samples_token else None for item in items]
         results: list[SampledToken | None] = [None] * len(batch)
         for position, index in enumerate(order):
             results[index] = results_in_order[position]
         return results
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        rows = [self._sampling_row(seq) for seq in seqs]
+        constrained = [(i, self.matchers[seq.seq_id]) for i, seq in enumerate(seqs) if seq.seq_id in self.matchers]
+        if not constrained:
+            return self.sampler(logits, rows)
+        # every bit set: rows without a grammar stay unconstrained
+        token_bitmask = allocate_token_bitmask(len(rows), self.config.vocab_size)  # (num_rows, ceil(vocab / 32))
+        for i, matcher in constrained:
+            matcher.fill_next_token_bitmask(token_bitmask, i)
+        tokens = self.sampler(logits, rows, token_bitmask)
+        for i, matcher in constrained:
+            if not matcher.accept_token(tokens[i].token_id):
+                raise RuntimeError(f"the grammar rejected token {tokens[i].token_id} that its own mask allowed")
+        return tokens
 
     def prepare_inputs(self, items: list[ScheduledSequence]):
         """Token ids, positions, attention metadata and the rows to take logits from.
@@ -103,7 +121,9 @@ class ModelRunner:
         params = seq.params
         banned: tuple[int, ...] = ()
         if seq.num_output_tokens < params.min_tokens:
-            banned = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_token_ids))
+            # a grammar alone decides where its output may end
+            allows_eos = params.ignore_eos or seq.seq_id in self.matchers
+            banned = tuple(params.stop_token_ids) + (() if allows_eos else tuple(self.eos_token_ids))
         return SamplingRow(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
@@ -124,6 +144,17 @@ class ModelRunner:
             self.generators[seq.seq_id] = generator
         return generator
 
+    def add_matcher(self, seq: Sequence, matcher: GrammarMatcher) -> None:
+        """Constrain the sequence's output from its next token on. The matcher lives as long as the
+        sequence: a preempted sequence keeps it, since recomputing only rebuilds the KV cache."""
+        self.matchers[seq.seq_id] = matcher
+
+    def is_grammar_terminated(self, seq: Sequence) -> bool:
+        """The sequence's grammar has accepted its end (an EOS where the grammar may end)."""
+        matcher = self.matchers.get(seq.seq_id)
+        return matcher is not None and matcher.is_terminated()
+
     def release(self, seq: Sequence) -> None:
         """Forget per-sequence state once the sequence has finished."""
         self.generators.pop(seq.seq_id, None)
+        self.matchers.pop(seq.seq_id, None)

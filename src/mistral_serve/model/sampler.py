@@ -2,8 +2,12 @@
 
 The phases run in this order, each a small function over the whole batch:
 
-    logit bias and banned ids → repetition penalty → presence/frequency penalties
+    logit bias and banned ids → grammar mask → repetition penalty → presence/frequency penalties
     → (greedy rows: argmax) → temperature → top-k → top-p → min-p → sample
+
+The grammar mask (constrained decoding) is a packed bitmask, one row per sampling row and 32 tokens
+per int32 word, bit j of word w allowing token 32 * w + j; a token whose bit is 0 gets -inf. Rows
+without a grammar have every bit set. Masking draws no random numbers.
 
 Sampling is the exponential race: with q ~ Exp(1) drawn independently per token,
 argmax(probs / q) is token i with probability probs[i]. A row with its own generator draws exactly
@@ -66,11 +70,13 @@ class Sampler:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-        """logits: (len(rows), vocab_size), any float dtype, on any device. Returns one token per row."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 token_bitmask: torch.Tensor | None = None) -> list[SampledToken]:
+        """logits: (len(rows), vocab_size), any float dtype, on any device; token_bitmask:
+        (len(rows), ceil(vocab_size / 32)) int32 on any device, or None. Returns one token per row."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
-        processed = process_logits(logits, rows)
+        processed = process_logits(logits, rows, token_bitmask)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, row in enumerate(rows) if row.is_greedy]
         if greedy:
@@ -122,12 +128,34 @@ class Sampler:
         return generator
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """A float32 copy of logits after logit bias, bans and penalties: what greedy rows take the argmax of."""
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                   token_bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 copy of logits after logit bias, bans, the grammar mask and penalties: what greedy
+    rows take the argmax of."""
     processed = logits.to(torch.float32, copy=True)
     _apply_bias_and_bans_(processed, rows)
+    if token_bitmask is not None:
+        apply_token_bitmask_(processed, token_bitmask)
     _apply_penalties_(processed, rows)
     return processed
+
+
+_BIT_POSITIONS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask_(logits: torch.Tensor, token_bitmask: torch.Tensor) -> None:
+    """Sets to -inf each token whose bit is 0 in the packed (num_rows, ceil(vocab_size / 32)) int32 bitmask."""
+    num_rows, vocab_size = logits.shape
+    if token_bitmask.shape != (num_rows, (vocab_size + 31) // 32):
+        raise ValueError(f"a token bitmask of shape {tuple(token_bitmask.shape)} for logits of shape "
+                         f"{(num_rows, vocab_size)}")
+    device = logits.device
+    bits = _BIT_POSITIONS.get(device)
+    if bits is None:
+        bits = _BIT_POSITIONS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    words = token_bitmask.to(device, non_blocking=True)
+    is_allowed = ((words[:, :, None] >> bits) & 1).bool().view(num_rows, -1)[:, :vocab_size]
+    logits.masked_fill_(~is_allowed, _NEG_INF)
 
 
 def _apply_bias_and_bans_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

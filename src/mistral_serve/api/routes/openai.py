@@ -13,12 +13,13 @@ from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList, ModelObject,
 )
 from mistral_serve.api.sse import ClientDisconnected, EventStreamResponse, until_disconnected
+from mistral_serve.api.usage import CLIENT_CLOSED_REQUEST
 from mistral_serve.catalog import Catalog, ServedModel
 
 router = APIRouter()
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 503)}
-_CHAT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 503)}
+_CHAT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 503)}
 _CHAT_DOC = {
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}},
@@ -32,16 +33,27 @@ _CHAT_DOC = {
 @router.post("/chat/completions", response_model=None, responses=_CHAT_ERRORS, openapi_extra=_CHAT_DOC)
 async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, body: ChatRequest,
                                  state: State) -> Response:
-    """Answer a conversation: one JSON reply, or Server-Sent Events with `stream: true`."""
-    served = find_model(state.catalog, body.model)
-    generation = chat.prepare(body, served, state.metrics.timer(served.id))
+    """Answer a conversation: one JSON reply, or Server-Sent Events with `stream: true`. Both carry the
+    key's x-ratelimit-* headers; a key over its limits gets a 429."""
+    meter = state.meter(key, body.model)
+    try:
+        served = find_model(state.catalog, body.model)
+        generation = chat.prepare(body, served, state.metrics.timer(served.id), meter)
+        meter.admission = await state.limiter.admit(key, len(generation.prompt_token_ids),
+                                                    generation.max_num_completion_tokens)
+    except APIError as error:
+        meter.on_refused(error.status_code)
+        raise
+    headers = meter.admission.headers
     if body.stream:
-        return EventStreamResponse(chat.sse_events(generation))
+        response = EventStreamResponse(chat.sse_events(generation))
+        response.headers.update(headers)
+        return response
     try:
         completion = await until_disconnected(request, chat.complete(generation))
     except ClientDisconnected:
-        return Response(status_code=499)  # nobody is listening
-    return JSONResponse(completion.model_dump(mode="json"))
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
+    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
 
 @router.get("/models", response_model=ModelList)

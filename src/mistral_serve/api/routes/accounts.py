@@ -1,0 +1,320 @@
+"""The web dashboard's API under /api/account: sign up, log in and out, the account, its keys and usage.
+
+JSON in and out; errors in the OpenAI envelope. Authentication is the session cookie of
+`api/sessions.py`; every state-changing request but signup and login needs the CSRF header.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from mistral_serve.api.deps import DbSession
+from mistral_serve.api.errors import APIError, invalid_request
+from mistral_serve.api.sessions import (CSRF_COOKIE, SESSION_COOKIE, ChangingLogin, CurrentLogin, Login, Throttle,
+                                        clear_session_cookies, client_address, require_csrf, set_session_cookies,
+                                        start_session)
+from mistral_serve.db import crud
+from mistral_serve.db.crud import KeyLimits, UsageTotal
+from mistral_serve.db.models import ApiKey
+from mistral_serve.security import check_new_password, generate_token, verify_password
+
+router = APIRouter(prefix="/api/account", tags=["account"])
+
+DEFAULT_USAGE_DAYS = 30
+MAX_KEY_ID = 2**31 - 1  # an id past the column's range is no key (PostgreSQL would refuse the query)
+
+
+# schemas: one per use, so that no hash can reach a response
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Credentials(_Body):
+    email: str = Field(max_length=320)
+    password: str = Field(max_length=4096)
+
+
+class PasswordChange(_Body):
+    current_password: str = Field(max_length=4096)
+    new_password: str = Field(max_length=4096)
+
+
+class PasswordConfirmation(_Body):
+    password: str = Field(max_length=4096)
+
+
+class Limits(_Body):
+    """A key's limits; null (or absent): unlimited. A token budget needs its period, and the reverse."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    token_budget: int | None = None
+    budget_period: Literal["day", "month"] | None = None
+
+
+class KeyCreate(_Body):
+    name: str = Field(max_length=1000)
+    limits: Limits | None = None
+
+
+class KeyUpdate(_Body):
+    """What is absent stays; `limits` replaces all four limits at once."""
+
+    name: str | None = Field(None, max_length=1000)
+    is_enabled: StrictBool | None = None
+    limits: Limits | None = None
+
+
+class AccountPublic(BaseModel):
+    email: str
+    created_at: datetime
+
+
+class LoggedIn(BaseModel):
+    email: str
+
+
+class KeyUsage(BaseModel):
+    """All-time totals of the key's requests."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class KeyPublic(BaseModel):
+    id: int
+    name: str
+    prefix: str  # the first characters after "msk-": shown as "msk-<prefix>…"
+    created_at: datetime
+    last_used_at: datetime | None
+    is_enabled: bool
+    limits: Limits
+    usage: KeyUsage
+
+
+class KeyList(BaseModel):
+    data: list[KeyPublic]
+
+
+class KeyCreated(BaseModel):
+    key: KeyPublic
+    secret: str  # the raw key: in this response only, never again
+
+
+class UsageRow(BaseModel):
+    """One group of usage: the group's field (`day`, `key_id` + `key_name`, or `model`), then its sums."""
+
+    day: date | None = None
+    key_id: int | None = None  # null: a deleted key
+    key_name: str | None = None
+    model: str | None = None
+    requests: int
+    failed_requests: int  # error, limited or aborted
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageList(BaseModel):
+    data: list[UsageRow]
+
+
+# signing up, logging in and out
+
+@router.post("/signup", status_code=201, response_model=AccountPublic)
+def signup(body: Credentials, request: Request, response: Response, db: DbSession) -> AccountPublic:
+    """Create an account and log it in. The email is stored trimmed and in lower case; the password has
+    8 to 1024 characters. 409 `email_taken`, 400 `invalid_email` or `weak_password`."""
+    try:
+        email = crud.normalize_email(body.email)
+    except ValueError:
+        raise invalid_request("That is not an email address.", param="email", code="invalid_email") from None
+    _check_new_password(body.password, "password")
+    try:
+        account = crud.create_account(db, email, body.password)
+    except crud.AlreadyExists:
+        raise APIError(409, "An account with this email exists already.", type="invalid_request_error",
+                       param="email", code="email_taken") from None
+    start_session(request, response, db, account)
+    return AccountPublic(email=account.email, created_at=account.created_at)
+
+
+@router.post("/login", response_model=LoggedIn)
+def login(body: Credentials, request: Request, response: Response, db: DbSession, throttle: Throttle) -> LoggedIn:
+    """Log in. 401 `invalid_credentials` for a wrong password and an unknown email alike; 429
+    `too_many_attempts` (with Retry-After) after 5 failures in 15 minutes for the account, or 20 from
+    the client's address; 403 `account_disabled` for a disabled account's right password."""
+    email, address = body.email.strip().lower(), client_address(request)
+    wait_s = throttle.retry_after(email, address)
+    if wait_s is not None:
+        raise APIError(429, f"Too many failed log-ins; try again in {wait_s} seconds.", code="too_many_attempts",
+                       headers={"Retry-After": str(wait_s)})
+    account = crud.get_account_by_email(db, body.email)
+    check = verify_password(account.password_hash if account else None, body.password)  # same work if unknown
+    if not check.is_valid:
+        throttle.record_failure(email, address)
+        raise APIError(401, "Wrong email or password.", code="invalid_credentials")
+    throttle.record_success(email)
+    if check.needs_rehash:
+        crud.set_password(db, account, body.password)
+    if not account.is_enabled:
+        raise APIError(403, "This account is disabled.", code="account_disabled")
+    start_session(request, response, db, account)
+    return LoggedIn(email=account.email)
+
+
+@router.post("/logout", status_code=204, response_class=Response)
+def logout(request: Request, response: Response, db: DbSession) -> None:
+    """End this session (if any) and clear its cookies."""
+    require_csrf(request)
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        crud.delete_login_session(db, token)
+    clear_session_cookies(request, response)
+
+
+# the account
+
+@router.get("/me", response_model=AccountPublic)
+def me(login: CurrentLogin, request: Request, response: Response) -> AccountPublic:
+    """The logged-in account; 401 `not_logged_in`. Renews the cookies' lifetime (and a lost CSRF cookie)."""
+    csrf_token = None if request.cookies.get(CSRF_COOKIE) else generate_token()
+    set_session_cookies(request, response, login.token, csrf_token)
+    return AccountPublic(email=login.account.email, created_at=login.account.created_at)
+
+
+@router.post("/password", status_code=204, response_class=Response)
+def change_password(body: PasswordChange, login: ChangingLogin, request: Request, db: DbSession,
+                    throttle: Throttle) -> None:
+    """Change the password; every other session of the account ends. 400 `wrong_password`."""
+    _confirm_password(login, body.current_password, "current_password", request, throttle)
+    _check_new_password(body.new_password, "new_password")
+    crud.set_password(db, login.account, body.new_password)
+    crud.delete_other_login_sessions(db, login.account, keep_token=login.token)
+
+
+@router.delete("", status_code=204, response_class=Response)
+def delete_account(body: PasswordConfirmation, login: ChangingLogin, request: Request, response: Response,
+                   db: DbSession, throttle: Throttle) -> None:
+    """Delete the account, its keys (refused from the next request on) and its sessions; its usage is
+    kept without the link. 400 `wrong_password`."""
+    _confirm_password(login, body.password, "password", request, throttle)
+    crud.delete_account(db, login.account)
+    clear_session_cookies(request, response)
+
+
+def _confirm_password(login: Login, password: str, param: str, request: Request, throttle: Throttle) -> None:
+    email, address = login.account.email, client_address(request)
+    wait_s = throttle.retry_after(email, address)
+    if wait_s is not None:
+        raise APIError(429, f"Too many wrong passwords; try again in {wait_s} seconds.", code="too_many_attempts",
+                       headers={"Retry-After": str(wait_s)})
+    if not verify_password(login.account.password_hash, password).is_valid:
+        throttle.record_failure(email, address)
+        raise invalid_request("The password is wrong.", param=param, code="wrong_password")
+
+
+def _check_new_password(password: str, param: str) -> None:
+    try:
+        check_new_password(password)
+    except ValueError as error:
+        raise invalid_request(f"{str(error).capitalize()}.", param=param, code="weak_password") from None
+
+
+# keys
+
+@router.get("/keys", response_model=KeyList)
+def list_keys(login: CurrentLogin, db: DbSession) -> KeyList:
+    """The account's keys, oldest first, each with its all-time usage."""
+    usage = _usage_by_key(db, login)
+    return KeyList(data=[_key_public(key, usage.get(key.id)) for key in crud.list_keys(db, login.account)])
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated)
+def create_key(body: KeyCreate, login: ChangingLogin, db: DbSession) -> KeyCreated:
+    """A new enabled key. Its secret is in this response only: it is stored as a hash."""
+    limits = _key_limits(body.limits or Limits())
+    try:
+        key, secret = crud.create_api_key(db, login.account, body.name, limits)
+    except ValueError as error:
+        raise invalid_request(f"Invalid name: {error}.", param="name", code="invalid_value") from None
+    return KeyCreated(key=_key_public(key, None), secret=secret)
+
+
+@router.patch("/keys/{key_id}", response_model=KeyPublic)
+def update_key(key_id: str, body: KeyUpdate, login: ChangingLogin, db: DbSession) -> KeyPublic:
+    """Rename, enable or disable a key, or replace its limits. A disabled key is refused from its next request."""
+    key = _own_key(db, login, key_id)
+    limits = None if body.limits is None else _key_limits(body.limits)
+    try:
+        crud.update_key(db, key, name=body.name, is_enabled=body.is_enabled, limits=limits)
+    except ValueError as error:
+        raise invalid_request(f"Invalid name: {error}.", param="name", code="invalid_value") from None
+    return _key_public(key, _usage_by_key(db, login).get(key.id))
+
+
+@router.delete("/keys/{key_id}", status_code=204, response_class=Response)
+def delete_key(key_id: str, login: ChangingLogin, db: DbSession) -> None:
+    """Delete a key: refused from its next request on; its usage is kept."""
+    crud.delete_key(db, _own_key(db, login, key_id))
+
+
+def _own_key(db: DbSession, login: Login, key_id: str) -> ApiKey:
+    """The account's key `key_id`: 404 for another account's key exactly as for an unknown one."""
+    key = None
+    if key_id.isdigit() and 0 < int(key_id) <= MAX_KEY_ID:
+        key = crud.get_account_key(db, login.account, int(key_id))
+    if key is None:
+        raise APIError(404, f"No key with the id {key_id!r}.", code="key_not_found")
+    return key
+
+
+def _key_limits(limits: Limits) -> KeyLimits:
+    try:
+        return KeyLimits(**limits.model_dump())
+    except ValueError as error:
+        raise invalid_request(f"Invalid limits: {error}.", param="limits", code="invalid_value") from None
+
+
+def _usage_by_key(db: DbSession, login: Login) -> dict[int, UsageTotal]:
+    return {total.key_id: total for total in crud.usage_totals(db, account_id=login.account.id, by=("key",))}
+
+
+def _key_public(key: ApiKey, usage: UsageTotal | None) -> KeyPublic:
+    return KeyPublic(
+        id=key.id, name=key.name, prefix=key.prefix, created_at=key.created_at, last_used_at=key.last_used_at,
+        is_enabled=key.is_enabled, limits=Limits(**KeyLimits.of(key).__dict__),
+        usage=KeyUsage(requests=usage.num_requests if usage else 0, prompt_tokens=usage.prompt_tokens if usage else 0,
+                       completion_tokens=usage.completion_tokens if usage else 0))
+
+
+# usage
+
+@router.get("/usage", response_model=UsageList, response_model_exclude_unset=True)
+def usage(login: CurrentLogin, db: DbSession, since: date | None = Query(None, description="first day (UTC)"),
+          until: date | None = Query(None, description="last day (UTC), included"),
+          by: Literal["day", "key", "model"] = "day") -> UsageList:
+    """The account's usage per UTC day, key or model, from `since` to `until` (both included; by default
+    the last 30 days up to today). `key_id` and `key_name` are null for a deleted key."""
+    until = until or datetime.now(timezone.utc).date()
+    since = since or until - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+    if since > until:
+        raise invalid_request("`since` is after `until`.", param="since", code="invalid_value")
+    totals = crud.usage_totals(db, account_id=login.account.id, by=(by,),
+                               since=datetime.combine(since, time(), timezone.utc),
+                               until=datetime.combine(until + timedelta(days=1), time(), timezone.utc))
+    return UsageList(data=[_usage_row(total, by) for total in totals])
+
+
+def _usage_row(total: UsageTotal, by: str) -> UsageRow:
+    group = {"day": {"day": total.day}, "key": {"key_id": total.key_id, "key_name": total.key_name},
+             "model": {"model": total.model}}[by]
+    return UsageRow(**group, requests=total.num_requests, failed_requests=total.num_failed_requests,
+                    prompt_tokens=total.prompt_tokens, cached_prompt_tokens=total.cached_prompt_tokens,
+                    completion_tokens=total.completion_tokens)

@@ -1,0 +1,22 @@
+"""Request parsing details that no HTTP test shows: role names and the model's sampling defaults."""
+
+from mistral_serve.api.protocol import ChatCompletionRequest, SystemMessage
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def test_the_developer_role_is_the_system_role():
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "developer", "content": "Be brief."}, *HELLO]})
+    assert isinstance(request.messages[0], SystemMessage)
+    assert request.messages[0].model_dump(exclude_none=True) == {"role": "system", "content": "Be brief."}
+
+
+def test_the_models_defaults_apply_only_to_what_a_request_leaves_out():
+    left_out = ChatCompletionRequest.model_validate({"model": "m", "messages": HELLO})
+    params = left_out.to_sampling_params(temperature=0.2, top_p=0.9)
+    assert (params.temperature, params.top_p) == (0.2, 0.9)
+    assert (left_out.to_sampling_params().temperature, left_out.to_sampling_params().top_p) == (1.0, 1.0)
+    given = ChatCompletionRequest.model_validate({"model": "m", "messages": HELLO, "temperature": 1, "top_p": None})
+    params = given.to_sampling_params(temperature=0.2, top_p=0.9)
+    assert (params.temperature, params.top_p) == (1.0, 0.9)

@@ -1,0 +1,52 @@
+"""response_format over HTTP on a tiny RANDOM-weight v0.3-format checkpoint: only the grammar makes
+the output valid JSON."""
+
+import json
+
+import jsonschema
+
+from tests.api.conftest import MODEL_ID, sse_events
+from tests.api.test_tools import closers, v3_client, v3_engine  # noqa: F401 (fixtures)
+
+SCHEMA = {"type": "object", "properties": {
+    "answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 10},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2}},
+    "required": ["answer", "score", "tags"]}
+
+
+def ask(client, closers, response_format, **fields):
+    return client.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "Answer in JSON."}], "temperature": 1.0,
+        "max_tokens": 120, "logit_bias": closers, "response_format": response_format, **fields})
+
+
+def test_json_object_is_one_object_10_times_out_of_10(v3_client, closers, openai_schema):
+    reply = ask(v3_client, closers, {"type": "json_object"}, n=10, seed=0).json()
+    openai_schema("CreateChatCompletionResponse", reply)
+    for choice in reply["choices"]:
+        assert choice["finish_reason"] == "stop"
+        assert isinstance(json.loads(choice["message"]["content"]), dict), choice
+
+
+def test_json_schema_validates_10_times_out_of_10_streamed_too(v3_client, closers, openai_schema):
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
+    reply = ask(v3_client, closers, response_format, n=10, seed=1).json()
+    openai_schema("CreateChatCompletionResponse", reply)
+    for choice in reply["choices"]:
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+    events = sse_events(ask(v3_client, closers, response_format, seed=2, stream=True).text)
+    for event in events[:-1]:
+        openai_schema("CreateChatCompletionStreamResponse", event)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_an_unsupported_schema_keyword_is_named(v3_client, closers):
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}
+    error = ask(v3_client, closers, response_format).json()["error"]
+    assert error["param"] == "response_format" and "uniqueItems" in error["message"]
+
+
+def test_text_is_unconstrained(v3_client, closers):
+    assert ask(v3_client, {}, {"type": "text"}, max_tokens=3).status_code == 200
