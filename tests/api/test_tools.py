@@ -1,25 +1,27 @@
 """Function calling: the parser and streaming scanner alone, then over HTTP on a tiny RANDOM-weight
 checkpoint in v0.3's format (Mistral's real v3 tokenizer), where only the grammar can make a call valid."""
 
+from dataclasses import replace
 import json
 import re
 import shutil
 
 from fastapi.testclient import TestClient
 import jsonschema
+import openai
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralRequest
 from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 import pytest
 
 from mistral_serve.api.app import create_app
-from mistral_serve.api.tools import ToolCallScanner, ToolCalling, parse_tool_calls
+from mistral_serve.api.tools import ToolCallScanner, ToolCalling, parse_tool_calls, tool_calls_token_id
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.engine.builder import load_engine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import mistral_tool_call_id
-from tests.api.conftest import MODEL_ID, bearer, sse_events
+from tests.api.conftest import MODEL_ID, bearer, serving, sse_events
 from tests.api.servers import V3_TOKENIZER
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 
@@ -131,17 +133,39 @@ def check_calls(message, names):
         jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+SEEDS = [0, 1]  # n=10 per seed: 20 samples, streamed and not
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_named_function_is_called_with_valid_arguments(v3_client, closers, openai_schema, seed):
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    reply = v3_client.post("/v1/chat/completions", json=body(closers, tool_choice=named, n=5, seed=seed)).json()
+    reply = v3_client.post("/v1/chat/completions", json=body(closers, tool_choice=NAMED, n=10, seed=seed)).json()
     openai_schema("CreateChatCompletionResponse", reply)
+    assert len(reply["choices"]) == 10
     for choice in reply["choices"]:
         assert choice["finish_reason"] == "tool_calls", choice
         assert len(choice["message"]["tool_calls"]) == 1
         check_calls(choice["message"], {"get_weather"})
     ids = [c["message"]["tool_calls"][0]["id"] for c in reply["choices"]]
     assert len(set(ids)) == len(ids)  # fresh per call
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_named_function_is_called_with_valid_arguments_streamed(v3_client, closers, openai_schema, seed):
+    request = body(closers, tool_choice=NAMED, n=10, seed=100 + seed, stream=True)
+    events = sse_events(v3_client.post("/v1/chat/completions", json=request).text)
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        openai_schema("CreateChatCompletionStreamResponse", event)
+    for index in range(10):
+        calls = reassembled(events[:-1], index)
+        assert len(calls) == 1, calls
+        assert CALL_ID.fullmatch(calls[0]["id"]) and calls[0]["name"] == "get_weather"
+        jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
+        reasons = [c["finish_reason"] for e in events[:-1] for c in e["choices"] if c["index"] == index]
+        assert [r for r in reasons if r] == ["tool_calls"]
+        assert not "".join(c["delta"].get("content") or "" for e in events[:-1] for c in e["choices"]
+                           if c["index"] == index)
 
 
 @pytest.mark.parametrize("choice", ["required", "any"])
@@ -162,13 +186,18 @@ def test_without_parallel_calls_there_is_one_call(v3_client, closers):
         assert item["finish_reason"] == "tool_calls" and len(item["message"]["tool_calls"]) == 1
 
 
-def reassembled(events):
+def reassembled(events, index=0):
+    """The calls of choice `index`, put back together from its `delta.tool_calls` pieces."""
     calls = {}
     for event in events:
-        for delta_call in event["choices"][0]["delta"].get("tool_calls", []) if event["choices"] else []:
-            call = calls.setdefault(delta_call["index"], {"id": delta_call.get("id"), "name": None, "arguments": ""})
-            call["name"] = call["name"] or delta_call["function"].get("name")
-            call["arguments"] += delta_call["function"].get("arguments", "")
+        for choice in event["choices"]:
+            if choice["index"] != index:
+                continue
+            for delta_call in choice["delta"].get("tool_calls") or []:
+                call = calls.setdefault(delta_call["index"], {"id": delta_call.get("id"), "name": None,
+                                                              "arguments": ""})
+                call["name"] = call["name"] or delta_call["function"].get("name")
+                call["arguments"] += delta_call["function"].get("arguments") or ""
     return [calls[i] for i in sorted(calls)]
 
 
@@ -238,3 +267,138 @@ def test_tool_errors_are_400s_naming_the_field(v3_client, client):
     for fields, param in cases:
         response = v3_client.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MESSAGES, **fields})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+# a multi-turn conversation with calls and results, through the official openai client
+
+FIRST_CALLS = [("call_abc123XYZ0987654321", "get_weather", '{"city": "Paris", "unit": "celsius", "days": 1}'),
+               ("call_Zz9_second-one", "get-time", '{"zone": "CET"}')]
+SECOND_CALL = ("call_0000000000000000000000000000third", "get_weather",
+               '{"city": "Lyon", "unit": "fahrenheit", "days": 3}')
+
+
+def openai_conversation() -> list[dict]:
+    def call(call_id, name, arguments):
+        return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    return [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Weather in Paris, and the time?"},
+        {"role": "assistant", "content": None, "tool_calls": [call(*c) for c in FIRST_CALLS]},
+        {"role": "tool", "tool_call_id": FIRST_CALLS[0][0], "content": '{"temperature": 21}'},
+        {"role": "tool", "tool_call_id": FIRST_CALLS[1][0], "content": "14:05"},
+        {"role": "assistant", "content": "21 °C in Paris; it is 14:05 CET."},
+        {"role": "user", "content": "And Lyon over three days?"},
+        {"role": "assistant", "tool_calls": [call(*SECOND_CALL)]},
+        {"role": "tool", "tool_call_id": SECOND_CALL[0], "content": '{"temperature": [70, 72, 68]}'},
+    ]
+
+
+def mistral_common_tokens(tokenizer) -> list[int]:
+    """The same conversation built directly in mistral-common's types and encoded by it. OpenAI's
+    ids are not valid Mistral ids (9 alphanumerics); the server maps each one the same way."""
+    from mistral_common.protocol.instruct.messages import SystemMessage
+
+    ids = {c[0]: mistral_tool_call_id(c[0]) for c in (*FIRST_CALLS, SECOND_CALL)}
+    assert all(CALL_ID.fullmatch(i) for i in ids.values()) and len(set(ids.values())) == len(ids)
+
+    def call(call_id, name, arguments):
+        return ToolCall(id=ids[call_id], function=FunctionCall(name=name, arguments=arguments))
+    request = MistralRequest(model="m", messages=[
+        SystemMessage(content="You are terse."),
+        UserMessage(content="Weather in Paris, and the time?"),
+        AssistantMessage(content=None, tool_calls=[call(*c) for c in FIRST_CALLS]),
+        ToolMessage(tool_call_id=ids[FIRST_CALLS[0][0]], content='{"temperature": 21}'),
+        ToolMessage(tool_call_id=ids[FIRST_CALLS[1][0]], content="14:05"),
+        AssistantMessage(content="21 °C in Paris; it is 14:05 CET."),
+        UserMessage(content="And Lyon over three days?"),
+        AssistantMessage(content=None, tool_calls=[call(*SECOND_CALL)]),
+        ToolMessage(tool_call_id=ids[SECOND_CALL[0]], content='{"temperature": [70, 72, 68]}')],
+        tools=[Tool(function=Function(name="get_weather", description="Weather", parameters=WEATHER)),
+               Tool(function=Function(name="get-time", description="", parameters=TIME))])
+    return tokenizer.mistral.encode_chat_completion(request).tokens
+
+
+@pytest.fixture(scope="module")
+def v3_live_url(v3_engine, api_db):
+    with serving(create_app(Settings(), {MODEL_ID: AsyncEngine(v3_engine)}, api_db)) as url:
+        yield url
+
+
+def test_a_multi_turn_conversation_through_the_openai_client_encodes_as_mistral_common_does(
+        v3_live_url, v3_engine, api_key, monkeypatch):
+    prompts = []  # what the engine was given, request by request
+    add_request = v3_engine.add_request
+
+    def recording(request_id, prompt_token_ids, params):
+        prompts.append(list(prompt_token_ids))
+        return add_request(request_id, prompt_token_ids, params)
+    monkeypatch.setattr(v3_engine, "add_request", recording)
+
+    reference = mistral_common_tokens(v3_engine.tokenizer)
+    client = openai.OpenAI(base_url=v3_live_url + "/v1", api_key=api_key, max_retries=0)
+    try:
+        completion = client.chat.completions.create(model=MODEL_ID, messages=openai_conversation(), tools=TOOLS,
+                                                    max_tokens=2, seed=0)
+        chunks = list(client.chat.completions.create(model=MODEL_ID, messages=openai_conversation(), tools=TOOLS,
+                                                     max_tokens=2, seed=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+    finally:
+        client.close()
+    assert completion.usage.prompt_tokens == len(reference)
+    assert chunks[-1].usage.prompt_tokens == len(reference)
+    assert prompts == [reference, reference]
+
+
+# malformed [TOOL_CALLS] output over HTTP: plain content, finish_reason "stop", never a 500
+
+def scripted(engine, monkeypatch, pieces):
+    """Make each choice's output `pieces` (text, token ids), whatever the model samples; ask for
+    exactly len(pieces) tokens: the last piece, which the engine ends with "length", ends with "stop"."""
+    step, seen = engine.step, {}
+
+    def step_scripted():
+        deltas = []
+        for delta in step():
+            key = (delta.request_id, delta.index)
+            i = seen[key] = seen.get(key, -1) + 1
+            text, token_ids = pieces[min(i, len(pieces) - 1)]
+            last = delta.finish_reason is not None
+            deltas.append(replace(delta, text=text, token_ids=token_ids, logprobs=None,
+                                  finish_reason="stop" if last else delta.finish_reason))
+        return deltas
+    monkeypatch.setattr(engine, "step", step_scripted)
+
+
+MALFORMED = {
+    "cut short": ("", '[{"name": "get_weather", "argu', 'ments": {"city": "Pa'),
+    "not json": ("", "oops, ", "no calls here"),
+    "text before a broken call": ("Let me check. ", "", '[{"name": "nope", "arguments": }]'),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_tool_calls_become_content_with_stop(v3_client, v3_engine, monkeypatch, case, stream):
+    texts = MALFORMED[case]
+    token = tool_calls_token_id(v3_engine.tokenizer)
+    pieces = [(text, (token,) if i == texts.index("") else (1000 + i,)) for i, text in enumerate(texts)]
+    scripted(v3_engine, monkeypatch, pieces)
+    request = {"model": MODEL_ID, "messages": MESSAGES, "tools": TOOLS, "tool_choice": "auto",
+               "max_tokens": len(pieces), "seed": 0, "stream": stream,
+               "logit_bias": {str(i): -100 for i in v3_engine.tokenizer.eos_token_ids}}
+    response = v3_client.post("/v1/chat/completions", json=request)
+    assert response.status_code == 200, response.text
+    if stream:
+        events = sse_events(response.text)
+        assert events[-1] == "[DONE]"
+        choices = [c for e in events[:-1] for c in e["choices"]]
+        content = "".join(c["delta"].get("content") or "" for c in choices)
+        reasons = [c["finish_reason"] for c in choices if c["finish_reason"]]
+        # call pieces already streamed before the text turned out malformed stay sent (a stream
+        # cannot take them back); the whole text still arrives as content, ending with "stop"
+    else:
+        message = response.json()["choices"][0]["message"]
+        assert not message.get("tool_calls")
+        content, reasons = message["content"], [response.json()["choices"][0]["finish_reason"]]
+    assert content == "".join(texts)
+    assert reasons == ["stop"]

@@ -36,7 +36,7 @@ def test_a_new_user_signs_up_makes_a_key_uses_it_disables_it_and_sees_the_usage(
     assert page.evaluate("navigator.clipboard.readText()") == secret
     row = page.locator("#keys-table tbody tr", has_text="laptop")
     assert "enabled" in row.text_content() and secret not in row.text_content()
-    screenshot(page, "keys-laptop")
+    screenshot(page, "keys-new-secret-laptop")
     page.click("#dismiss-secret")
     assert secret not in page.content()  # shown once
 
@@ -70,7 +70,7 @@ def test_a_new_user_signs_up_makes_a_key_uses_it_disables_it_and_sees_the_usage(
     assert int(re.sub(r"\D", "", cells[1])) >= 1  # requests
     assert page.locator("#usage-chart svg rect.bar").count() == 30
     assert page.locator("#usage-by-model tbody tr").count() >= 1
-    screenshot(page, "usage-laptop")
+    screenshot(page, "usage-after-refusal-laptop")
 
     page.click("#nav a[data-page=keys]")
     page.locator("#keys-table tbody tr", has_text="laptop key").locator("button.delete-key").click()
@@ -105,4 +105,4 @@ def test_a_taken_email_and_a_wrong_password_get_clear_messages(open_page):
         page.click(f"#nav a[data-page={name}]")
         page.wait_for_selector(f"#page-{name}:not([hidden]) table tbody tr")
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], name
-        screenshot(page, f"{name}-phone")
+        screenshot(page, f"{name}-relogged-phone")

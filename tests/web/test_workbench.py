@@ -62,7 +62,7 @@ def test_parameters_are_rendered_from_the_schema_and_max_tokens_is_clamped(open_
     assert page.locator("#params [data-param=stop] .stop input").count() == 1
     set_param(page, "max_tokens", 99999)
     assert page.locator("#params [data-param=max_tokens] input.value").input_value() == str(CONTEXT_LENGTH - 1)
-    screenshot(page, "workbench-laptop")
+    screenshot(page, "workbench-params-laptop")
 
 
 def test_an_answer_streams_with_its_numbers_and_the_state_survives_a_reload(open_page, web_server, api_key):
@@ -137,7 +137,7 @@ def test_compare_runs_two_parameter_sets_on_the_same_conversation(open_page, web
     assert [{k: v for k, v in b.items() if k not in ("model", "messages", "stream", "stream_options")} for b in bodies] \
         == [{"max_tokens": 4, "temperature": 0}, {"max_tokens": 7, "seed": 7}]
     assert bodies[0]["messages"] == bodies[1]["messages"] == [{"role": "user", "content": "Which is better?"}]
-    screenshot(page, "compare-laptop")
+    screenshot(page, "compare-two-laptop")
 
 
 def test_the_api_tab_code_sends_the_request_the_workbench_sent(open_page, web_server, api_key, tmp_path):
@@ -171,7 +171,7 @@ def test_the_api_tab_code_sends_the_request_the_workbench_sent(open_page, web_se
         assert done.returncode == 0, f"{lang}:\n{code}\n{done.stderr}"
         assert web_server.chat_bodies[num_before:] == [sent], lang
         assert done.stdout.strip() or lang == "curl", lang
-    screenshot(page, "api-laptop")
+    screenshot(page, "api-with-key-laptop")
 
 
 def test_a_refused_key_and_a_server_that_is_down_give_clear_messages(open_page):
@@ -200,5 +200,5 @@ def test_every_page_fits_a_phone_screen(open_page, api_key):
         page.click(f"#nav a[data-page={name}]")
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"], f"{name} is {width} px wide"
-        screenshot(page, f"{name}-phone")
+        screenshot(page, f"{name}-after-answer-phone")
     assert LAPTOP["width"] > PHONE["width"]

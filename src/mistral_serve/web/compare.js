@@ -5,6 +5,7 @@ import { ApiError } from "./api.js";
 import { $, clearNotice, h, notify } from "./dom.js";
 import { answerView, requestBody, runInto } from "./run.js";
 import { renderParams } from "./schema.js";
+import { emptyPane } from "./state.js";
 
 export class Compare {
   constructor(app) {
@@ -19,6 +20,26 @@ export class Compare {
     });
     $("#compare-run").addEventListener("click", () => this.run());
     $("#compare-stop").addEventListener("click", () => this.controller?.abort());
+    $("#compare-add").addEventListener("click", () => this.addPane());
+  }
+
+  // A new pane starts as a copy of the last one (model and parameters), to change one thing at a time.
+  addPane() {
+    if (this.controller) return;
+    const { state } = this.app;
+    const last = state.panes.at(-1);
+    const pane = last ? { model: last.model, params: structuredClone(last.params) } : emptyPane();
+    state.panes.push(pane);
+    this.app.fitParams(pane);
+    this.app.changed();
+    this.render();
+  }
+
+  removePane(index) {
+    if (this.controller || this.app.state.panes.length <= 2) return;
+    this.app.state.panes.splice(index, 1);
+    this.app.changed();
+    this.render();
   }
 
   render() {
@@ -32,8 +53,12 @@ export class Compare {
       select.addEventListener("change", () => { pane.model = select.value; app.fitParams(pane); draw(); app.changed(); });
       draw();
       const answer = answerView();
+      const remove = app.state.panes.length > 2
+        ? h("button", { type: "button", class: "remove-pane", "aria-label": `Remove pane ${index + 1}`,
+                        onclick: () => this.removePane(index) }, "×")
+        : null;
       const root = h("section", { class: "pane", "data-pane": index, "aria-label": `Pane ${index + 1}` },
-        h("h2", {}, `Pane ${String.fromCharCode(65 + index)}`), select,
+        h("div", { class: "pane-head" }, h("h2", {}, `Pane ${String.fromCharCode(65 + index)}`), remove), select,
         h("details", { class: "pane-params", open: true }, h("summary", {}, "Parameters"), params),
         answer.root);
       return { root, answer };
@@ -54,6 +79,7 @@ export class Compare {
     this.render();
     this.controller = new AbortController();
     $("#compare-run").disabled = true;
+    $("#compare-add").disabled = true;
     $("#compare-stop").disabled = false;
     clearNotice();
     const runs = state.panes.map((pane, index) => {
@@ -67,6 +93,7 @@ export class Compare {
     await Promise.all(runs);
     this.controller = null;
     $("#compare-run").disabled = false;
+    $("#compare-add").disabled = false;
     $("#compare-stop").disabled = true;
   }
 }
