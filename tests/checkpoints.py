@@ -108,12 +108,17 @@ def half_to_interleaved_rotary(weight: torch.Tensor, num_heads: int) -> torch.Te
             .transpose(1, 2).reshape(weight.shape))
 
 
-def _native_name(name: str) -> str:
+def _renamed(name: str, names: dict[str, str], layer_prefix: str) -> str:
+    """Our `layers.{i}.<module>.weight` (or a top-level weight) in another format's naming."""
     module = name.removesuffix(".weight")
     if module.startswith("layers."):
         _, index, layer_module = module.split(".", 2)
-        return f"layers.{index}.{_NATIVE_NAMES[layer_module]}.weight"
-    return f"{_NATIVE_NAMES[module]}.weight"
+        return f"{layer_prefix}.{index}.{names[layer_module]}.weight"
+    return f"{names[module]}.weight"
+
+
+def _native_name(name: str) -> str:
+    return _renamed(name, _NATIVE_NAMES, "layers")
 
 
 def write_native_checkpoint(tmp_path: Path, hf_model) -> Path:
@@ -161,11 +166,7 @@ _GGUF_NAMES = {
 
 
 def _gguf_name(name: str) -> str:
-    module = name.removesuffix(".weight")
-    if module.startswith("layers."):
-        _, index, layer_module = module.split(".", 2)
-        return f"blk.{index}.{_GGUF_NAMES[layer_module]}.weight"
-    return f"{_GGUF_NAMES[module]}.weight"
+    return _renamed(name, _GGUF_NAMES, "blk")
 
 
 def gguf_tensor_data(array: np.ndarray, tensor_type: GGMLQuantizationType) -> np.ndarray:

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from mistral_serve.tokenizer import ChatTokenizer, IncrementalDetokenizer, load_tokenizer
-from tests.test_tokenizer import V1_FILE, V3_FILE, checkpoint_dir, demo_tokenizer, piece_id
+from mistral_serve.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from tests.test_tokenizer import V1_FILE, demo, piece_id, v1, v3  # noqa: F401 (v1, v3, demo: fixtures)
 
 TEXTS = [
     "Hello, world!",
@@ -22,21 +22,6 @@ TEXTS = [
     "accents: café, naïve, Ærø, Straẞe",
     "ℤ𝄞",
 ]
-
-
-@pytest.fixture(scope="module")
-def v1(tmp_path_factory):
-    return load_tokenizer(checkpoint_dir(tmp_path_factory, V1_FILE, "tokenizer.model.v1"))
-
-
-@pytest.fixture(scope="module")
-def v3(tmp_path_factory):
-    return load_tokenizer(checkpoint_dir(tmp_path_factory, V3_FILE, "tokenizer.model.v3"))
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return demo_tokenizer()
 
 
 @pytest.fixture(params=["v1", "v3", "demo"])

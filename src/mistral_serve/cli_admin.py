@@ -101,9 +101,7 @@ def run_accounts_set_enabled(args: argparse.Namespace) -> int:
     from mistral_serve.db import crud
 
     with open_database(settings_from(args))() as session:
-        account = crud.get_account_by_email(session, args.email)
-        if account is None:
-            raise ValueError(f"no account with the email {args.email}")
+        account = _existing_account(session, args.email)
         crud.set_account_enabled(session, account, args.is_enabled)
         print(f"account {account.email} is {'enabled' if args.is_enabled else 'disabled'}")
     return 0
@@ -134,11 +132,7 @@ def run_keys_list(args: argparse.Namespace) -> int:
     from mistral_serve.db import crud
 
     with open_database(settings_from(args))() as session:
-        account = None
-        if args.email:
-            account = crud.get_account_by_email(session, args.email)
-            if account is None:
-                raise ValueError(f"no account with the email {args.email}")
+        account = _existing_account(session, args.email) if args.email else None
         rows = [(key.id, f"msk-{key.prefix}…", key.name, key.account.email, _yes(key.is_enabled),
                  _when(key.created_at), _when(key.last_used_at), _limits(key))
                 for key in crud.list_keys(session, account)]
@@ -172,6 +166,16 @@ def run_keys_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_account(session, email: str):
+    """The account with this email; a clear error when there is none."""
+    from mistral_serve.db import crud
+
+    account = crud.get_account_by_email(session, email)
+    if account is None:
+        raise ValueError(f"no account with the email {email}")
+    return account
+
+
 # usage
 
 def run_usage(args: argparse.Namespace) -> int:
@@ -182,12 +186,7 @@ def run_usage(args: argparse.Namespace) -> int:
     since = datetime.combine(args.since, time(), timezone.utc) if args.since else None
     until = datetime.combine(args.until + timedelta(days=1), time(), timezone.utc) if args.until else None
     with open_database(settings_from(args))() as session:
-        account_id = None
-        if args.email:
-            account = crud.get_account_by_email(session, args.email)
-            if account is None:
-                raise ValueError(f"no account with the email {args.email}")
-            account_id = account.id
+        account_id = _existing_account(session, args.email).id if args.email else None
         totals = crud.usage_totals(session, account_id=account_id, since=since, until=until, by=("key", "model"))
     rows = [(_key_label(total), total.model, total.num_requests, total.num_failed_requests, total.prompt_tokens,
              total.cached_prompt_tokens, total.completion_tokens, total.total_tokens) for total in totals]

@@ -14,7 +14,7 @@ import sys
 
 from tests.web.conftest import LAPTOP, PHONE, screenshot
 from tests.web.test_dashboard import sign_up
-from tests.web.test_workbench import ANSWER, answer_stats, ask, set_param
+from tests.web.test_workbench import ANSWER, answer_stats, ask, run_compare, set_param
 
 SIZES = {"laptop": LAPTOP, "phone": PHONE}
 
@@ -97,18 +97,7 @@ def test_the_acceptance_path_in_one_session_with_every_page_at_both_sizes(open_p
 
     # compare two parameter sets on the same conversation
     go(page, "compare")
-    set_param(page, "max_tokens", 3, root="[data-pane='0']")
-    set_param(page, "temperature", 0, root="[data-pane='0']")
-    set_param(page, "max_tokens", 4, root="[data-pane='1']")
-    set_param(page, "seed", 7, root="[data-pane='1']")
-    num_before = len(web_server.chat_bodies)
-    page.fill("#compare-prompt", "Which is better?")
-    page.press("#compare-prompt", "Control+Enter")
-    for pane, num_tokens in (("0", 3), ("1", 4)):
-        page.wait_for_function("s => /finish/.test(document.querySelector(s)?.textContent)",
-                               arg=f"[data-pane='{pane}'] .stats", timeout=60_000)
-        assert page.locator(f"[data-pane='{pane}'] .stats").text_content().startswith(f"{num_tokens} tokens")
-    bodies = sorted(web_server.chat_bodies[num_before:], key=lambda body: body["max_tokens"])
+    bodies = run_compare(page, web_server, {"max_tokens": 3, "temperature": 0}, {"max_tokens": 4, "seed": 7})
     assert [(b["max_tokens"], b.get("temperature"), b.get("seed")) for b in bodies] == [(3, 0, None), (4, None, 7)]
     assert bodies[0]["messages"] == bodies[1]["messages"]
     assert bodies[0]["messages"][-1] == {"role": "user", "content": "Which is better?"}

@@ -118,22 +118,29 @@ def test_stop_keeps_the_partial_text(open_page, api_key, engine):
     assert page.locator(ANSWER + " .text").text_content() == partial
 
 
+def run_compare(page, web_server, first: dict, second: dict) -> list[dict]:
+    """Give the two Compare panes these parameters (each with a max_tokens) and run them on one
+    prompt; each pane must show exactly its max_tokens. The bodies sent, fewest max_tokens first."""
+    panes = (("0", first), ("1", second))
+    for pane, params in panes:
+        for name, value in params.items():
+            set_param(page, name, value, root=f"[data-pane='{pane}']")
+    num_before = len(web_server.chat_bodies)
+    page.fill("#compare-prompt", "Which is better?")
+    page.press("#compare-prompt", "Control+Enter")
+    for pane, params in panes:
+        page.wait_for_function("s => /finish/.test(document.querySelector(s)?.textContent)",
+                               arg=f"[data-pane='{pane}'] .stats", timeout=60_000)
+        stats = page.locator(f"[data-pane='{pane}'] .stats").text_content()
+        assert stats.startswith(f"{params['max_tokens']} tokens")
+    return sorted(web_server.chat_bodies[num_before:], key=lambda body: body["max_tokens"])
+
+
 def test_compare_runs_two_parameter_sets_on_the_same_conversation(open_page, web_server, api_key):
     page, _ = open_page()
     page.fill("#api-key", api_key)
     page.click("#nav a[data-page=compare]")
-    set_param(page, "max_tokens", 4, root="[data-pane='0']")
-    set_param(page, "temperature", 0, root="[data-pane='0']")
-    set_param(page, "max_tokens", 7, root="[data-pane='1']")
-    set_param(page, "seed", 7, root="[data-pane='1']")
-    num_before = len(web_server.chat_bodies)
-    page.fill("#compare-prompt", "Which is better?")
-    page.press("#compare-prompt", "Control+Enter")
-    for pane, num_tokens in (("0", 4), ("1", 7)):
-        page.wait_for_function("s => /finish/.test(document.querySelector(s)?.textContent)",
-                               arg=f"[data-pane='{pane}'] .stats", timeout=60_000)
-        assert page.locator(f"[data-pane='{pane}'] .stats").text_content().startswith(f"{num_tokens} tokens")
-    bodies = sorted(web_server.chat_bodies[num_before:], key=lambda body: body["max_tokens"])
+    bodies = run_compare(page, web_server, {"max_tokens": 4, "temperature": 0}, {"max_tokens": 7, "seed": 7})
     assert [{k: v for k, v in b.items() if k not in ("model", "messages", "stream", "stream_options")} for b in bodies] \
         == [{"max_tokens": 4, "temperature": 0}, {"max_tokens": 7, "seed": 7}]
     assert bodies[0]["messages"] == bodies[1]["messages"] == [{"role": "user", "content": "Which is better?"}]

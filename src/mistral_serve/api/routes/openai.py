@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -38,7 +40,8 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
     meter = state.meter(key, body.model)
     try:
         served = find_model(state.catalog, body.model)
-        generation = chat.prepare(body, served, state.metrics.timer(served.id), meter)
+        # tokenizing and compiling a grammar take milliseconds to a tenth of a second: off the event loop
+        generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), meter)
         meter.admission = await state.limiter.admit(key, len(generation.prompt_token_ids),
                                                     generation.max_num_completion_tokens)
     except APIError as error:
