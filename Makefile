@@ -37,3 +37,44 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+# The serving benchmark (bench/serve.py) against its peers on the demo model: `make bench-serve`
+# builds the peers once (about 20 minutes on 2 busy cores), then runs bench/peers.py; give it
+# flags with BENCH_SERVE_ARGS="--concurrency 1,4,16,64".
+PEERS_VENV ?= .venv-peers
+LLAMA_CPP_PYTHON_SPEC ?= llama-cpp-python
+BENCH_SERVE_ARGS ?=
+BUILD_JOBS ?= $(shell nproc)
+LLAMA_CPP_BUILD := $(PEERS_VENV)/llama.cpp-build
+
+.PHONY: bench-serve peers
+
+bench-serve: install $(VENV)/.bench-installed peers
+	$(PY) bench/peers.py $(BENCH_SERVE_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+peers: $(PEERS_VENV)/.installed $(PEERS_VENV)/bin/llama-server
+
+# llama-cpp-python's server, compiled from its source distribution, in a venv of its own; the
+# venv ignores itself, so git never sees it.
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	echo '*' > $(PEERS_VENV)/.gitignore
+	$(PEERS_VENV)/bin/pip download --quiet --no-deps --no-binary :all: -d $(PEERS_VENV)/src '$(LLAMA_CPP_PYTHON_SPEC)'
+	CMAKE_BUILD_PARALLEL_LEVEL=$(BUILD_JOBS) $(PEERS_VENV)/bin/pip install --quiet \
+	    "$$(ls $(PEERS_VENV)/src/llama_cpp_python-*.tar.gz | tail -1)[server]"
+	touch $@
+
+# llama.cpp's own llama-server, from the llama.cpp source that the same distribution vendors. The
+# web UI is left out (it would be fetched from the network); a failed build leaves the benchmark
+# without this peer, not without the others (the leading '-').
+$(PEERS_VENV)/bin/llama-server: $(PEERS_VENV)/.installed
+	-cd $(PEERS_VENV)/src && tar -xzf "$$(ls llama_cpp_python-*.tar.gz | tail -1)" && \
+	    cmake -S "$$(ls -d llama_cpp_python-*/ | tail -1)vendor/llama.cpp" -B ../llama.cpp-build \
+	        -DCMAKE_BUILD_TYPE=Release -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF \
+	        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && \
+	    cmake --build ../llama.cpp-build --config Release --target llama-server -j $(BUILD_JOBS) && \
+	    cp ../llama.cpp-build/bin/llama-server ../bin/llama-server

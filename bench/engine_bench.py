@@ -223,13 +223,13 @@ def bench_model(setting: ModelSetting, args: argparse.Namespace, rng: random.Ran
         load_s = time.perf_counter() - start
     config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_memory=args.kv_cache_mb << 20, seed=args.seed)
+    read_bytes, total_bytes = bytes_read_per_step(model), weight_bytes(model)  # before the engine packs weights
     engine = LLMEngine(model, tokenizer, config)
-    read_bytes = bytes_read_per_step(model)
     output_tokens = args.output_tokens or setting.default_output_tokens
     result = {
         "model": setting.name, "description": setting.description,
         "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch."),
-        "weight_bytes": weight_bytes(model), "read_bytes_per_step": read_bytes,
+        "weight_bytes": total_bytes, "read_bytes_per_step": read_bytes,
         "kv_cache_bytes": sum(k.nbytes + v.nbytes for k, v in engine.runner.kv_caches),
         "load_s": load_s, "rss_before_load_bytes": rss_before, "load_peak_rss_bytes": load_rss.peak,
     }

@@ -1,11 +1,15 @@
 """Fixtures shared across the test tree."""
 
 import os
+import tempfile
 
-import pytest
+# Before anything reads it: a default data directory of the tests' own, never the user's.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mistral-serve-tests-")
 
-from mistral_serve.model.loader import CheckpointError, find_demo_gguf
-from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable
+import pytest  # noqa: E402
+
+from mistral_serve.model.loader import CheckpointError, find_demo_gguf  # noqa: E402
+from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +56,12 @@ def _stop_servers():
 def postgres_url() -> str:
     """The session's PostgreSQL server (its `postgres` database, as the superuser)."""
     return _server("postgresql", PostgresServer).url()
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> PostgresServer:
+    """A PostgreSQL server of its own, for a test that stops and restarts it (`pause`, `resume`)."""
+    return _server("private postgresql", PostgresServer)
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +116,9 @@ def db(database_url):
     engine = create_db_engine(database_url)
     yield create_session_factory(engine)
     engine.dispose()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["XDG_DATA_HOME"], ignore_errors=True)

@@ -102,6 +102,11 @@ class PostgresServer:
                 stdout=log, stderr=subprocess.STDOUT)
             if initdb.wait() != 0:
                 raise ServiceFailed(f"initdb failed:\n{_tail(self.log)}")
+        self._run_postgres()
+
+    def _run_postgres(self) -> None:
+        data = self.root / "data"
+        with open(self.log, "ab") as log:
             self.process = self._run_as_owner(
                 [str(self.bin_dir / "postgres"), "-D", str(data), "-p", str(self.port),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
@@ -141,9 +146,17 @@ class PostgresServer:
         with self._connect() as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # open connections too
 
+    def pause(self) -> None:
+        """Stop the server, keeping its data: an outage, as clients see one."""
+        _stop(self.process, signal.SIGINT)  # PostgreSQL's fast shutdown: clients are disconnected
+        self.process = None
+
+    def resume(self) -> None:
+        self._run_postgres()
+
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process, signal.SIGINT)  # PostgreSQL's fast shutdown: clients are disconnected
+            _stop(self.process, signal.SIGINT)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -31,6 +31,13 @@ def test_keys_create_makes_the_account_and_prints_the_key_last(run):
     status, listing = run("keys", "list", "--email", "ann@example.com")
     assert status == 0 and len(listing) == 2 and f"msk-{key.prefix}…" in listing[1]
     assert raw_key not in "\n".join(listing) and raw_key[12:] not in "\n".join(listing)
+    # with the key's usage so far
+    with db() as session:
+        crud.record_usage_batch(session, [crud.UsageRecord(
+            request_id="chatcmpl-1", key_id=key.id, account_id=key.account_id, model="m", status="ok",
+            http_status=200, duration_ms=5, prompt_tokens=30, completion_tokens=12)])
+    header, row = run("keys", "list")[1]
+    assert header.split()[-2:] == ["REQUESTS", "TOKENS"] and row.split()[-2:] == ["1", "42"]
 
 
 def test_keys_are_disabled_enabled_and_deleted_by_prefix_or_id(run):

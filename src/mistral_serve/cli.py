@@ -23,7 +23,7 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
                         help="download a Hugging Face id that is not in the local cache")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", choices=["int8"], help="weight-only quantization at load time")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load time (int4: CPU)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="memory for the paged KV cache")
     parser.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most")
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step at most")
@@ -40,7 +40,9 @@ def storage_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     names = ("model", "allow_download", "device", "dtype", "quantize", "kv_cache_memory_mb", "max_num_seqs",
              "max_num_batched_tokens", "max_model_len", "seed", "host", "port", "data_dir", "database_url",
-             "redis_url")
+             "redis_url", "max_queued_requests", "max_queued_prompt_tokens", "queue_timeout_s",
+             "max_concurrent_requests_per_key", "shutdown_timeout_s", "database_outage_grace_s",
+             "max_usage_backlog_mb")
     return Settings.load({name: getattr(args, name, None) for name in names})
 
 
@@ -63,11 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--redis-url", help="redis://HOST:PORT/DB for rate-limit counters shared by several "
                                            "replicas (env MISTRAL_SERVE_REDIS_URL; default: in this process)")
+    limits = serve.add_argument_group("backpressure and faults")
+    limits.add_argument("--max-queued-requests", type=int,
+                        help="requests waiting to start, per model, before new ones get 503 (default 256)")
+    limits.add_argument("--max-queued-prompt-tokens", type=int,
+                        help="prompt tokens waiting to start, per model, before new requests get 503 (default 262144)")
+    limits.add_argument("--queue-timeout", dest="queue_timeout_s", type=float,
+                        help="seconds a request may wait to start before it gets 503 (default 120)")
+    limits.add_argument("--max-concurrent-requests-per-key", type=int,
+                        help="requests in flight per API key before new ones get 429 (default 32)")
+    limits.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float,
+                        help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+    limits.add_argument("--database-outage-grace", dest="database_outage_grace_s", type=float,
+                        help="seconds a recently checked key keeps working while the database is away (default 300)")
+    limits.add_argument("--max-usage-backlog-mb", type=int,
+                        help="usage rows waiting on disk for the database before chat gets 503 (default 256)")
     storage_flags(serve)
     serve.set_defaults(run=run_serve)
 
     from mistral_serve.cli_admin import add_admin_commands
     add_admin_commands(commands, storage_flags)
+    from mistral_serve.cli_bench import add_bench_command
+    add_bench_command(commands)
     return parser
 
 
@@ -85,6 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mistral_serve.api.app import create_app
+    from mistral_serve.api.server import ABORT_GRACE_S, GracefulServer
     from mistral_serve.catalog import card_for, default_model_specs, parse_model_spec
     from mistral_serve.engine.async_engine import AsyncEngine
     from mistral_serve.engine.builder import build_engine
@@ -101,7 +121,10 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len = settings.max_model_len or card_for(model_id).context_length
         model_settings = replace(settings, model=source, max_model_len=max_model_len)
         engines[model_id] = AsyncEngine(build_engine(model_settings))
-    uvicorn.run(create_app(settings, engines, db), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings, engines, db)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=ABORT_GRACE_S)
+    GracefulServer(config, app.state.serving).run()
     return 0
 
 

@@ -131,12 +131,20 @@ def run_keys_create(args: argparse.Namespace) -> int:
 def run_keys_list(args: argparse.Namespace) -> int:
     from mistral_serve.db import crud
 
-    with open_database(settings_from(args))() as session:
+    settings = settings_from(args)
+    db = open_database(settings)
+    _write_spooled_usage(settings, db)
+    with db() as session:
         account = _existing_account(session, args.email) if args.email else None
+        usage = {total.key_id: total for total in crud.usage_totals(
+            session, account_id=account.id if account else None, by=("key",))}
         rows = [(key.id, f"msk-{key.prefix}…", key.name, key.account.email, _yes(key.is_enabled),
-                 _when(key.created_at), _when(key.last_used_at), _limits(key))
+                 _when(key.created_at), _when(key.last_used_at), _limits(key),
+                 usage[key.id].num_requests if key.id in usage else 0,
+                 usage[key.id].total_tokens if key.id in usage else 0)
                 for key in crud.list_keys(session, account)]
-    _print_table(("ID", "PREFIX", "NAME", "ACCOUNT", "ENABLED", "CREATED", "LAST USED", "LIMITS"), rows)
+    _print_table(("ID", "PREFIX", "NAME", "ACCOUNT", "ENABLED", "CREATED", "LAST USED", "LIMITS", "REQUESTS",
+                  "TOKENS"), rows)
     return 0
 
 
@@ -185,7 +193,10 @@ def run_usage(args: argparse.Namespace) -> int:
 
     since = datetime.combine(args.since, time(), timezone.utc) if args.since else None
     until = datetime.combine(args.until + timedelta(days=1), time(), timezone.utc) if args.until else None
-    with open_database(settings_from(args))() as session:
+    settings = settings_from(args)
+    db = open_database(settings)
+    _write_spooled_usage(settings, db)
+    with db() as session:
         account_id = _existing_account(session, args.email).id if args.email else None
         totals = crud.usage_totals(session, account_id=account_id, since=since, until=until, by=("key", "model"))
     rows = [(_key_label(total), total.model, total.num_requests, total.num_failed_requests, total.prompt_tokens,
@@ -194,6 +205,15 @@ def run_usage(args: argparse.Namespace) -> int:
         rows.append(("all", "", *(sum(row[index] for row in rows) for index in range(2, 8))))
     _print_table(("KEY", "MODEL", "REQUESTS", "FAILED", "PROMPT", "CACHED", "COMPLETION", "TOTAL"), rows)
     return 0
+
+
+def _write_spooled_usage(settings, db) -> None:
+    """Rows a stopped (or killed) server left on disk count too: write them first."""
+    from mistral_serve.db.usage_spool import UsageSpool
+    from mistral_serve.db.usage_writer import UsageWriter
+
+    if settings.usage_spool_dir.is_dir():
+        UsageWriter(db, UsageSpool(settings.usage_spool_dir)).write_pending()
 
 
 def _key_label(total) -> str:

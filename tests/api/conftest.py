@@ -99,8 +99,8 @@ def bearer(key: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def app(engine, api_db):
-    return create_app(Settings(), {MODEL_ID: AsyncEngine(engine)}, api_db)
+def app(engine, api_db, tmp_path_factory):
+    return create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(engine)}, api_db)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,11 @@ def openai_schema():
                 {"$ref": f"#/components/schemas/{name}", "components": components})
         validators[name].validate(instance)
     return validate
+
+
+@pytest.fixture(scope="session")
+def tiny_v3(tmp_path_factory):
+    """The tiny random Mistral v0.3 checkpoint that real server processes serve (tests/api/servers.py)."""
+    from tests.api.servers import write_tiny_v3_checkpoint
+
+    return write_tiny_v3_checkpoint(tmp_path_factory.mktemp("tiny-v3"))

@@ -78,21 +78,25 @@ def create_key(data_dir: Path, environ: dict[str, str]) -> str:
 
 @contextmanager
 def mistral_serve(work_dir: Path, *serve_args: str, hf_cache: Path | None = None,
-                  settings: dict[str, str] | None = None) -> Iterator[LiveServer]:
-    """`mistral-serve serve *serve_args` on a free port, ready to answer; stopped on exit. `settings`
-    become MISTRAL_SERVE_* variables; no other MISTRAL_SERVE_* variable reaches the server."""
+                  settings: dict[str, str] | None = None, key: str | None = None,
+                  log_name: str = "server.log") -> Iterator[LiveServer]:
+    """`mistral-serve serve *serve_args` on a free port, with the data directory work_dir/data, ready to
+    answer; stopped on exit. `settings` become MISTRAL_SERVE_* variables; no other MISTRAL_SERVE_*
+    variable reaches the server. `key`: one made already in that data directory (default: a new one).
+    Everything the server prints goes to work_dir/`log_name`."""
     data_dir = work_dir / "data"
     hf_cache = hf_cache or work_dir / "empty-hf-cache"
     hf_cache.mkdir(parents=True, exist_ok=True)
     environ = _environment(hf_cache, settings or {})
-    key = create_key(data_dir, environ)
+    key = key or create_key(data_dir, environ)
     port = _free_port()
-    log = (work_dir / "server.log").open("w")
+    log_path = work_dir / log_name
+    log = log_path.open("w")
     process = subprocess.Popen([CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), *serve_args],
                                stdout=log, stderr=subprocess.STDOUT, env=environ)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_ready(url, process, work_dir / "server.log")
+        _wait_until_ready(url, process, log_path)
         yield LiveServer(url, key, process)
     finally:
         process.terminate()

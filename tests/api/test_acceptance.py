@@ -21,9 +21,7 @@ import pytest
 
 from mistral_serve.catalog import DEMO_MODEL_ID
 from tests.api.conftest import sse_events
-from tests.api.servers import (
-    TINY_CONTEXT_LENGTH, V3_MODEL_ID, mistral_serve, put_in_hf_cache, write_tiny_v3_checkpoint,
-)
+from tests.api.servers import TINY_CONTEXT_LENGTH, V3_MODEL_ID, mistral_serve, put_in_hf_cache
 
 BASE_URL = "http://127.0.0.1:8000"
 KEY = "<KEY>"
@@ -111,11 +109,6 @@ def check_stream(printed: str, model: str, openai_schema) -> list[dict]:
 def prompt_tokens(tokenizer: MistralTokenizer, *messages) -> int:
     """Mistral's own count of a conversation's prompt tokens."""
     return len(tokenizer.encode_chat_completion(ChatCompletionRequest(messages=list(messages))).tokens)
-
-
-@pytest.fixture(scope="module")
-def tiny_v3(tmp_path_factory):
-    return write_tiny_v3_checkpoint(tmp_path_factory.mktemp("tiny-v3"))
 
 
 @pytest.fixture(scope="module")

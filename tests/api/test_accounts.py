@@ -8,6 +8,7 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from mistral_serve.api.limits import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db.models import Account, LoginSession, Usage
 from tests.api.conftest import bearer, chat
@@ -74,7 +75,7 @@ def set_cookies(response: httpx.Response) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def fresh_throttle(app):
     """Every test starts with no failed log-ins counted: they all come from the same address."""
-    app.state.login_throttle = LoginThrottle()
+    app.state.login_throttle = LoginThrottle(InProcessCounters())
 
 
 # signing up, logging in and out
@@ -144,7 +145,7 @@ def test_logout_ends_the_session_and_clears_both_cookies(live_url, api_db):
 
 def test_failed_logins_are_braked_per_account_and_per_address(live_url, app):
     now = [1000.0]
-    app.state.login_throttle = LoginThrottle(clock=lambda: now[0])
+    app.state.login_throttle = LoginThrottle(InProcessCounters(), clock=lambda: now[0])
     signed_up(live_url, "guessed@example.com")
     signed_up(live_url, "bystander@example.com")
     for _ in range(5):

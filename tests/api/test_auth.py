@@ -142,7 +142,7 @@ def test_a_database_that_cannot_answer_gives_503_not_500(tmp_path, make_engine):
     from mistral_serve.db.session import create_db_engine, create_session_factory
 
     unmigrated = create_session_factory(create_db_engine(f"sqlite:///{tmp_path / 'empty.db'}"))  # no tables
-    with TestClient(create_app(Settings(), {MODEL_ID: AsyncEngine(make_engine())}, unmigrated)) as client:
+    with TestClient(create_app(Settings(data_dir=tmp_path), {MODEL_ID: AsyncEngine(make_engine())}, unmigrated)) as client:
         response = client.post("/v1/chat/completions", json=chat(max_tokens=1), headers=bearer("msk-anything"))
     assert response.status_code == 503 and response.headers["retry-after"]
     assert response.json()["error"]["type"] == "service_unavailable"

@@ -21,8 +21,8 @@ def demo_engine(demo_path):
 
 
 @pytest.fixture(scope="module")
-def demo_client(demo_engine, api_db, api_key):
-    app = create_app(Settings(), {DEMO_MODEL_ID: AsyncEngine(demo_engine)}, api_db)
+def demo_client(demo_engine, api_db, tmp_path_factory, api_key):
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {DEMO_MODEL_ID: AsyncEngine(demo_engine)}, api_db)
     with TestClient(app, headers=bearer(api_key)) as client:
         yield client
 

@@ -120,8 +120,8 @@ def test_an_unknown_model_lists_the_served_ids(client):
     assert client.get("/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
 
 
-def test_a_server_that_is_not_ready_answers_503_with_retry_after(engine, api_db, api_key):
-    app = create_app(Settings(), {MODEL_ID: AsyncEngine(engine)}, api_db)
+def test_a_server_that_is_not_ready_answers_503_with_retry_after(engine, api_db, tmp_path_factory, api_key):
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(engine)}, api_db)
     client = TestClient(app, headers=bearer(api_key))  # not entered: the lifespan has not started the engines
     for response in (client.post("/v1/chat/completions", json=chat()), client.get("/ready")):
         assert response.status_code == 503

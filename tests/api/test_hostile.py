@@ -13,14 +13,28 @@ import json
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from mistral_serve.api.app import create_app
 from mistral_serve.api.deps import MAX_BODY_BYTES
-from tests.api.conftest import MODEL_ID, bearer, chat
+from mistral_serve.api.limits import InProcessCounters
+from mistral_serve.api.sessions import LoginThrottle
+from mistral_serve.db.migrations import upgrade_to_head
+from mistral_serve.db.models import Usage
+from mistral_serve.db.session import create_db_engine, create_session_factory
+from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.settings import Settings
+from tests.api.conftest import MODEL_ID, bearer, chat, new_key, serving
+from tests.api.test_accounts import PASSWORD, Browser, error_code, signed_up
+from tests.conftest import DATABASE_BACKENDS, database_url_for, drop_database_for
 
 CHAT = "/v1/chat/completions"
 JSON = {"Content-Type": "application/json"}
 GOOD = json.dumps(chat(max_tokens=1)).encode()
 TEN_MB = 10 << 20
+
+
+SIGNUP = "/api/account/signup"
 
 
 def raw(text: str) -> bytes:
@@ -29,6 +43,10 @@ def raw(text: str) -> bytes:
 
 def body(**fields) -> bytes:
     return json.dumps(chat(**fields)).encode()
+
+
+def account_body(**fields) -> bytes:
+    return json.dumps({"email": "hostile@example.com", "password": "correct horse battery", **fields}).encode()
 
 
 def with_content(content: bytes) -> bytes:
@@ -113,7 +131,8 @@ CASES = [
     ("a text part without text", "POST", CHAT, JSON, body(messages=[{"role": "user", "content": [{"type": "text"}]}]),
      400),
     # model ids
-    ("a model id with control characters", "POST", CHAT, JSON, body(model="mistral\u0000\u001b[31m\r\nX-Evil: 1"), 404),
+    ("a model id with control characters", "POST", CHAT, JSON, body(model="mistral\u0000\u001b[31m\r\nX-Evil: 1"), 400),
+    ("a model id with a NUL only", "POST", CHAT, JSON, body(model="mistral\u0000"), 400),
     ("a model id that walks up the tree", "POST", CHAT, JSON, body(model="../../../../etc/passwd"), 404),
     ("an empty model id", "POST", CHAT, JSON, body(model=""), 404),
     ("a 100 KB model id", "POST", CHAT, JSON, body(model="m" * 100_000), 404),
@@ -127,6 +146,15 @@ CASES = [
     ("a boolean temperature", "POST", CHAT, JSON, body(temperature=True), 400),
     ("a negative logit_bias key", "POST", CHAT, JSON, body(logit_bias={"-1": 1}), 400),
     ("include_usage a string", "POST", CHAT, JSON, body(stream=True, stream_options={"include_usage": "yes"}), 400),
+    # the dashboard's routes: the same bounds as the chat route
+    ("a 10 MB signup", "POST", SIGNUP, JSON, account_body(password="x" * TEN_MB), 413),
+    ("a 10 MB signup, chunked", "POST", SIGNUP, JSON, chunked(TEN_MB), 413),
+    ("a 10 MB log-in, chunked", "POST", "/api/account/login", JSON, chunked(TEN_MB), 413),
+    ("a signup nested 100,000 deep", "POST", SIGNUP, JSON, b"[" * 100_000 + b"]" * 100_000, 400),
+    ("a signup of invalid UTF-8", "POST", SIGNUP, JSON, b'{"email": "\xff@example.com", "password": "x"}', 400),
+    ("a signup with a lone surrogate", "POST", SIGNUP, JSON, rb'{"email": "\ud800@example.com", "password": "x"}', 400),
+    ("a signup that is a list", "POST", SIGNUP, JSON, b"[]", 400),
+    ("a signup as a form", "POST", SIGNUP, {"Content-Type": "application/x-www-form-urlencoded"}, b"email=a", 400),
 ]
 
 
@@ -156,3 +184,82 @@ def test_the_table_is_big_enough_and_the_sizes_are_real():
     assert len(CASES) >= 40
     ten_mb = next(content for what, *_, content, status in CASES if what == "a 10 MB body")
     assert len(ten_mb) > TEN_MB > MAX_BODY_BYTES
+
+
+# text and numbers the database cannot store: a 400 on every backend, never a 500 from PostgreSQL
+
+@pytest.fixture(scope="module", params=DATABASE_BACKENDS)
+def stored_app(request, make_engine, tmp_path_factory):
+    """An app of its own on each backend, under a real uvicorn: (its URL, the app, its session factory)."""
+    url = database_url_for(request.param, tmp_path_factory.mktemp("db"))
+    upgrade_to_head(url)
+    db = create_session_factory(create_db_engine(url))
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(make_engine())}, db)
+    with serving(app) as base_url:
+        yield base_url, app, db
+    db.kw["bind"].dispose()
+    drop_database_for(url)
+
+
+def test_text_and_numbers_no_column_can_hold_get_a_400(stored_app):
+    base_url, app, _ = stored_app
+    app.state.login_throttle = LoginThrottle(InProcessCounters())
+    nul_email = {"email": "nul\u0000@example.com", "password": PASSWORD}
+    response = Browser(base_url).post("/signup", nul_email)
+    assert (response.status_code, error_code(response)) == (400, "invalid_email")
+    response = Browser(base_url).post("/login", nul_email)
+    assert (response.status_code, error_code(response)) == (401, "invalid_credentials")
+
+    browser = signed_up(base_url, "stored@example.com")
+    key_id = browser.post("/keys", {"name": "k"}).json()["key"]["id"]
+    refused = [browser.post("/keys", {"name": "a\u0000b"}), browser.patch(f"/keys/{key_id}", {"name": "\u001b[31m"}),
+               browser.post("/keys", {"name": "k", "limits": {"requests_per_minute": 2**31}}),
+               browser.post("/keys", {"name": "k", "limits": {"tokens_per_minute": 2**64}}),
+               browser.post("/keys", {"name": "k", "limits": {"token_budget": 2**63, "budget_period": "day"}}),
+               browser.patch(f"/keys/{key_id}", {"limits": {"requests_per_minute": 10**30}})]
+    assert [(r.status_code, error_code(r), r.json()["error"]["param"]) for r in refused] == [
+        (400, "invalid_value", "name")] * 2 + [(400, "invalid_value", "limits")] * 4
+    widest = browser.post("/keys", {"name": "k", "limits": {"requests_per_minute": 2**31 - 1,
+                                                             "token_budget": 2**63 - 1, "budget_period": "month"}})
+    assert widest.status_code == 201 and widest.json()["key"]["limits"]["token_budget"] == 2**63 - 1
+    assert [key["name"] for key in browser.get("/keys").json()["data"]] == ["k", "k"]
+    # ids that are digits to str.isdigit() but no number to int()
+    for key_id in ("%C2%B3", "\u0661", "\uff11"):
+        response = browser.patch(f"/keys/{key_id}", {"name": "x"})
+        assert (response.status_code, error_code(response)) == (404, "key_not_found")
+        assert browser.delete(f"/keys/{key_id}").status_code == 404
+
+
+@pytest.mark.parametrize("query", ["since=0001-01-01&until=9999-12-31", "until=0001-01-02", "since=9999-12-31&until=9999-12-31",
+                                   "until=9999-12-31&by=model"])
+def test_usage_at_the_ends_of_the_calendar_is_an_empty_list(stored_app, query):
+    base_url, app, _ = stored_app
+    app.state.login_throttle = LoginThrottle(InProcessCounters())
+    browser = Browser(base_url)
+    if browser.post("/login", {"email": "calendar@example.com", "password": PASSWORD}).status_code != 200:
+        browser = signed_up(base_url, "calendar@example.com")
+    response = browser.get(f"/usage?{query}")
+    assert (response.status_code, response.json()) == (200, {"data": []})
+
+
+def test_a_model_id_with_a_nul_is_refused_and_usage_rows_keep_being_written(stored_app):
+    """The id a client names is stored with the request's usage row: a NUL, which PostgreSQL cannot store,
+    once held back every usage row after it."""
+    base_url, app, db = stored_app
+    headers = bearer(new_key(db, email="nul-model@example.com"))
+    refused = httpx.post(base_url + CHAT, json=chat(model="nul\u0000"), headers=headers, timeout=60)
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "model")
+    served = httpx.post(base_url + CHAT, json=chat(max_tokens=1), headers=headers, timeout=60)
+    assert served.status_code == 200
+    assert app.state.serving.usage.flush()
+    with db() as session:
+        assert session.scalars(select(Usage.status).where(Usage.request_id == served.json()["id"])).all() == ["ok"]
+    assert httpx.get(base_url + "/ready").json()["database"] == "reachable"
+
+
+@pytest.mark.parametrize("query", ["until=0.0", "since=1700000000", "until=1e9", "since=2025-1-1"])
+def test_a_usage_day_is_written_as_a_day_not_as_a_unix_time(live_url, query):
+    browser = signed_up(live_url, f"unix-time-{query.replace('=', '-')}@example.com")
+    response = browser.get(f"/usage?{query}")
+    assert (response.status_code, response.json()["error"]["type"]) == (400, "invalid_request_error")
+    assert "YYYY-MM-DD" in response.json()["error"]["message"] or "date" in response.json()["error"]["message"]

@@ -11,10 +11,10 @@ from tests.api.conftest import MODEL_ID, NO_EOS, bearer, chat
 
 
 @pytest.fixture()
-def metrics_client(make_engine, api_db, api_key):
+def metrics_client(make_engine, api_db, tmp_path_factory, api_key):
     """An app of its own, so the counters start at zero."""
     engine = make_engine()
-    with TestClient(create_app(Settings(), {MODEL_ID: AsyncEngine(engine)}, api_db),
+    with TestClient(create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(engine)}, api_db),
                     headers=bearer(api_key)) as client:
         yield client, engine
 

@@ -105,8 +105,8 @@ def v3_engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def v3_client(v3_engine, api_db, api_key):
-    with TestClient(create_app(Settings(), {MODEL_ID: AsyncEngine(v3_engine)}, api_db),
+def v3_client(v3_engine, api_db, tmp_path_factory, api_key):
+    with TestClient(create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(v3_engine)}, api_db),
                     headers=bearer(api_key)) as client:
         yield client
 
@@ -319,8 +319,8 @@ def mistral_common_tokens(tokenizer) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def v3_live_url(v3_engine, api_db):
-    with serving(create_app(Settings(), {MODEL_ID: AsyncEngine(v3_engine)}, api_db)) as url:
+def v3_live_url(v3_engine, api_db, tmp_path_factory):
+    with serving(create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(v3_engine)}, api_db)) as url:
         yield url
 
 
@@ -329,9 +329,9 @@ def test_a_multi_turn_conversation_through_the_openai_client_encodes_as_mistral_
     prompts = []  # what the engine was given, request by request
     add_request = v3_engine.add_request
 
-    def recording(request_id, prompt_token_ids, params):
+    def recording(request_id, prompt_token_ids, params, *args):
         prompts.append(list(prompt_token_ids))
-        return add_request(request_id, prompt_token_ids, params)
+        return add_request(request_id, prompt_token_ids, params, *args)
     monkeypatch.setattr(v3_engine, "add_request", recording)
 
     reference = mistral_common_tokens(v3_engine.tokenizer)

@@ -1,6 +1,7 @@
 """Usage rows: written in batches by the background writer, summed per key, model and day."""
 
 from datetime import date, datetime, timedelta, timezone
+import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -8,24 +9,15 @@ from sqlalchemy import func, select
 from mistral_serve.db import crud
 from mistral_serve.db.crud import UsageRecord
 from mistral_serve.db.models import Usage
+from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
 
 DAY_1 = datetime(2025, 3, 1, 23, 30, tzinfo=timezone.utc)
 DAY_2 = datetime(2025, 3, 2, 0, 30, tzinfo=timezone.utc)
 
 
-@pytest.fixture
-def keys(db):
-    """Two keys of ann, one of bob: (ann, ann_other, bob)."""
-    with db() as session:
-        ann = crud.create_account(session, "ann@example.com", password=None)
-        bob = crud.create_account(session, "bob@example.com", password=None)
-        return (crud.create_api_key(session, ann, "laptop")[0], crud.create_api_key(session, ann, "server")[0],
-                crud.create_api_key(session, bob, "bob's")[0])
-
-
 def record(key, model="m", prompt=10, completion=5, status="ok", when=DAY_1, **fields) -> UsageRecord:
-    return UsageRecord(request_id=f"chatcmpl-{when.timestamp()}", key_id=key.id, account_id=key.account_id,
+    return UsageRecord(request_id=f"chatcmpl-{uuid.uuid4().hex}", key_id=key.id, account_id=key.account_id,
                        model=model, status=status, http_status=200 if status == "ok" else 500, duration_ms=12,
                        prompt_tokens=prompt, completion_tokens=completion, created_at=when, **fields)
 
@@ -81,9 +73,10 @@ def test_an_unknown_status_is_refused(keys):
         record(keys[0], status="weird")
 
 
-def test_the_writer_batches_rows_and_writes_every_one_before_it_closes(db, keys):
+def test_the_writer_batches_rows_and_writes_every_one_before_it_closes(db, keys, tmp_path):
     ann = keys[0]
-    writer = UsageWriter(db, max_batch=7, flush_interval_s=60)  # only flush() and close() write soon
+    # only flush() and close() write soon
+    writer = UsageWriter(db, UsageSpool(tmp_path), max_batch=7, flush_interval_s=60)
     writer.start()
     for index in range(10):
         writer.record(record(ann, prompt=index))
@@ -114,8 +107,9 @@ class FlakySessions:
         return self.sessions()
 
 
-def test_the_writer_keeps_rows_while_the_database_refuses_them(db, keys):
-    writer = UsageWriter(FlakySessions(db, failures=2), flush_interval_s=0, retry_interval_s=0.01)
+def test_the_writer_keeps_rows_while_the_database_refuses_them(db, keys, tmp_path):
+    writer = UsageWriter(FlakySessions(db, failures=2), UsageSpool(tmp_path), flush_interval_s=0,
+                         retry_interval_s=0.01)
     writer.start()
     writer.record(record(keys[0]))
     assert writer.flush(timeout=10)

@@ -134,3 +134,30 @@ def test_finish_frees_a_waiting_or_running_sequence():
     scheduler.finish(waiting, FinishReason.ABORT)
     assert running.status is SequenceStatus.FINISHED and waiting.status is SequenceStatus.FINISHED
     assert scheduler.num_unfinished == 0 and bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_tenant_with_many_waiting_requests_cannot_starve_one_with_a_single_request():
+    scheduler, _ = make_scheduler(max_num_seqs=1, max_num_batched_tokens=64)
+    flood = [make_seq(4, f"flood-{i}", max_tokens=3, start=10 + i) for i in range(8)]
+    for seq in flood:
+        seq.tenant = "flooder"
+        scheduler.add(seq)
+    admitted = [item.seq.request_id for item in run_step(scheduler)]  # the flooder's oldest runs
+    polite = make_seq(4, "polite", max_tokens=3, start=50)
+    polite.tenant = "polite"
+    scheduler.add(polite)  # behind six of the flooder's
+    while scheduler.num_unfinished:
+        admitted += [item.seq.request_id for item in run_step(scheduler)
+                     if item.start_position == 0 and item.seq.request_id not in admitted]
+    # the slot that frees goes to the tenant served longest ago, then turns alternate
+    assert admitted[:3] == ["flood-0", "polite", "flood-1"]
+
+
+def test_within_one_tenant_requests_are_admitted_in_arrival_order():
+    scheduler, _ = make_scheduler(max_num_seqs=1)
+    for i in range(4):
+        scheduler.add(make_seq(4, f"r{i}", max_tokens=2, start=10 + i))
+    order = []
+    while scheduler.num_unfinished:
+        order += [item.seq.request_id for item in run_step(scheduler) if item.start_position == 0]
+    assert order == ["r0", "r1", "r2", "r3"]

@@ -308,7 +308,7 @@ def test_bad_load_arguments(mistral):
     with pytest.raises(ValueError, match="dtype"):
         load_model(mistral[0], dtype=torch.int8)
     with pytest.raises(ValueError, match="quantize"):
-        load_model(mistral[0], quantize="int4")
+        load_model(mistral[0], quantize="int3")
 
 
 def test_demo_package_missing_says_how_to_install(monkeypatch):

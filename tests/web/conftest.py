@@ -66,8 +66,8 @@ class WebServer:
 
 
 @pytest.fixture(scope="module")
-def web_server(engine, api_db):
-    recorder = RecordChatBodies(create_app(Settings(), {MODEL_ID: AsyncEngine(engine)}, api_db))
+def web_server(engine, api_db, tmp_path_factory):
+    recorder = RecordChatBodies(create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(engine)}, api_db))
     with serving(recorder) as url:
         yield WebServer(url, recorder)
 

@@ -11,15 +11,17 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
 from mistral_serve import __version__
-from mistral_serve.api import errors
+from mistral_serve.api import errors, middleware, openapi
 from mistral_serve.api.deps import ServingState
+from mistral_serve.api.in_flight import InFlight
 from mistral_serve.api.limits import InProcessCounters, RateLimiter, RedisCounters
 from mistral_serve.api.metrics import ServingMetrics
 from mistral_serve.api.routes import accounts, health, openai, web
 from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import KeyStore
+from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
-from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.async_engine import AsyncEngine, QueueLimits
 from mistral_serve.settings import Settings
 
 API_STYLES = {"/v1": "OpenAI style", "/api/ai": "Oxen style"}
@@ -34,7 +36,13 @@ def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessi
     if limiter is None:
         counters = RedisCounters(settings.redis_url) if settings.redis_url else InProcessCounters()
         limiter = RateLimiter(counters, db)
-    state = ServingState(settings, catalog, KeyStore(db), ServingMetrics(catalog), limiter, UsageWriter(db))
+    usage = UsageWriter(db, UsageSpool(settings.usage_spool_dir))
+    for engine in engines.values():
+        engine.limits = QueueLimits(settings.max_queued_requests, settings.max_queued_prompt_tokens,
+                                    settings.queue_timeout_s)
+    keys = KeyStore(db, outage_grace_s=settings.database_outage_grace_s)
+    state = ServingState(settings, catalog, keys, ServingMetrics(catalog), limiter, usage,
+                         InFlight(settings.max_concurrent_requests_per_key))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,6 +63,8 @@ def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessi
                   description="OpenAI-compatible chat completions for Mistral-7B-Instruct.")
     app.state.serving = state
     errors.install(app)
+    middleware.install(app)  # body size limit, nosniff
+    openapi.install(app)  # every $ref of /openapi.json resolves
     app.include_router(health.router)
     app.include_router(accounts.router)
     for prefix, style in API_STYLES.items():

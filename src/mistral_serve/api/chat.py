@@ -25,13 +25,14 @@ from mistral_serve.api.protocol import (
 from mistral_serve.api.tools import ChoiceReader, ToolCalling, tool_calls_token_id
 from mistral_serve.api.usage import CLIENT_CLOSED_REQUEST, RequestMeter
 from mistral_serve.catalog import ServedModel
-from mistral_serve.engine.async_engine import EngineStoppedError
+from mistral_serve.engine.async_engine import EngineOverloadedError, EngineStoppedError, QueueTimeoutError
 from mistral_serve.engine.engine import CompletionDelta
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.tokenizer import ChatTemplateError
 
 logger = logging.getLogger(__name__)
 
+OVERLOADED_RETRY_AFTER_S = "2"  # a full queue drains within seconds
 # OpenAI's stand-in for a log probability too small to write (JSON has no -Infinity)
 MIN_LOGPROB = -9999.0
 
@@ -130,25 +131,65 @@ def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, context_l
 
 # the one path
 
+async def start(generation: Generation) -> BegunChunks:
+    """The request's chunks, begun: once this returns, the engine has taken the request and produced
+    its first token, so a refusal (a full queue, a queue timeout, the engine stopping) is raised here
+    as an APIError, before any byte of the reply is sent. Closing the iterator aborts the request."""
+    chunks = stream_chunks(generation)
+    try:
+        first = await anext(chunks)
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return BegunChunks(first, chunks)
+
+
+class BegunChunks:
+    """The first chunk, then the rest; `aclose()` closes the rest even if iteration never began."""
+
+    def __init__(self, first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]):
+        self._first: ChatCompletionChunk | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> BegunChunks:
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
+
+
 async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionChunk]:
-    """The role chunk of each choice, its content chunks (the last with finish_reason), then one usage
-    chunk with no choices — always; a stream without include_usage drops it."""
+    """The role chunk of each choice (once the first token is out), its content chunks (the last with
+    finish_reason), then one usage chunk with no choices — always; a stream without include_usage
+    drops it."""
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=generation.completion_id, created=generation.created,
                                    model=generation.request.model, choices=choices, usage=usage)
 
-    for index in range(generation.params.n):
-        yield chunk([ChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
     progress = _Progress()
     engine = generation.served.engine
     readers = ([generation.tool_calling.reader() for _ in range(generation.params.n)]
                if generation.tool_calling is not None else None)
+    tenant = str(generation.meter.key.id) if generation.meter is not None else ""
     try:
-        deltas = engine.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id)
+        deltas = engine.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id,
+                                 tenant=tenant)
         async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
+            is_begun = False
             async for delta in deltas:
                 if delta.finish_reason == "abort":
                     raise APIError(503, "The generation was aborted by the server.", type="server_error")
+                if not is_begun:
+                    is_begun = True
+                    for index in range(generation.params.n):
+                        yield chunk([ChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
                 progress.on_delta(generation, delta)
                 choice = _chunk_choice(engine.engine.tokenizer, delta, readers[delta.index] if readers else None)
                 if choice is not None:
@@ -157,6 +198,10 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
     except EngineStoppedError:
         progress.http_status = 503
         raise APIError(503, "The model is not running; try again shortly.", headers={"Retry-After": "5"}) from None
+    except (EngineOverloadedError, QueueTimeoutError) as error:
+        progress.http_status = 503
+        raise APIError(503, f"The server is busy ({error}); try again shortly.", type="server_error",
+                       code="server_overloaded", headers={"Retry-After": OVERLOADED_RETRY_AFTER_S}) from None
     except ValueError as error:  # the engine refused the request after all
         progress.http_status = 400
         raise invalid_request(f"Invalid request: {error}") from None
@@ -248,11 +293,12 @@ def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
 
 # the two ways to answer
 
-async def sse_events(generation: Generation) -> AsyncIterator[str]:
-    """Server-Sent Events: each chunk, an error as an event with an `error` object, then [DONE]."""
+async def sse_events(generation: Generation, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[str]:
+    """Server-Sent Events of `chunks` (from `start`): each chunk, an error as an event with an `error`
+    object, then [DONE]."""
     include_usage = generation.request.is_usage_streamed
     try:
-        async with aclosing(stream_chunks(generation)) as chunks:
+        async with aclosing(chunks):
             async for chunk in chunks:
                 if chunk.usage is None or include_usage:
                     yield f"data: {json.dumps(chunk_body(chunk, include_usage))}\n\n"
@@ -280,15 +326,15 @@ def chunk_body(chunk: ChatCompletionChunk, include_usage: bool) -> dict:
     return body
 
 
-async def complete(generation: Generation) -> ChatCompletionResponse:
-    """The non-streaming reply, gathered from the chunks."""
+async def complete(generation: Generation, chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletionResponse:
+    """The non-streaming reply, gathered from `chunks` (from `start`)."""
     n = generation.params.n
     texts: list[list[str]] = [[] for _ in range(n)]
     calls: list[dict[int, dict]] = [{} for _ in range(n)]  # per choice: call index → id, name, argument pieces
     logprobs: list[list[TokenLogprob] | None] = [None] * n
     finish_reasons: list[str | None] = [None] * n
     usage = None
-    async with aclosing(stream_chunks(generation)) as chunks:
+    async with aclosing(chunks):
         async for chunk in chunks:
             usage = chunk.usage or usage
             for choice in chunk.choices:

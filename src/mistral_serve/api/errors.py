@@ -65,6 +65,8 @@ def from_validation_error(error: ValidationError | RequestValidationError) -> AP
     if loc == ["response_format"] and kind == "union_tag_invalid":
         return invalid_request("response_format must have type text, json_object or json_schema.",
                                param=param, code="invalid_value")
+    if kind == "string_pattern_mismatch" and loc == ["model"]:
+        message = "a model id has no control characters"
     if kind == "union_tag_invalid":
         message = f"unknown role {first['input'].get('role')!r}; expected system, user, assistant or tool"
     if kind == "value_error":
@@ -101,7 +103,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         message = error.detail if isinstance(error.detail, str) else "request failed"
-        return await api_error(request, APIError(error.status_code, message, headers=error.headers))
+        code = "request_too_large" if error.status_code == 413 else None
+        return await api_error(request, APIError(error.status_code, message, code=code, headers=error.headers))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -19,6 +19,7 @@ MAX_N = 128
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit too
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 _SMALLEST_TOP_P = 1e-9
+CONTROL_FREE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 
 class _Request(BaseModel):
@@ -148,6 +149,7 @@ class StreamOptions(_Request):
     include_usage: bool | None = None
 
 
+ModelId = Annotated[str, Field(pattern=CONTROL_FREE)]  # printed in errors, stored with usage: no control characters
 TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,12}$")]  # logit_bias keys: token ids, as strings
 
 
@@ -175,7 +177,7 @@ class ChatCompletionRequest(_Request):
     model_config = ConfigDict(json_schema_extra=_schema_as_validated)
 
     messages: list[Message] = Field(min_length=1)
-    model: str
+    model: ModelId
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: Annotated[dict[TokenIdKey, Annotated[float, Field(ge=-100.0, le=100.0)]],
                           Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
@@ -200,6 +202,9 @@ class ChatCompletionRequest(_Request):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    # vLLM's: a fixed output length for benchmarks and tests
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
     # --- end of extensions ---
 
     @field_validator("tools")
@@ -257,6 +262,8 @@ class ChatCompletionRequest(_Request):
             top_logprobs=self.top_logprobs or 0,
             stop=stop,
             guided=self.guided_decoding,
+            min_tokens=self.min_tokens or 0,
+            ignore_eos=bool(self.ignore_eos),
         )
 
     @property

@@ -8,19 +8,21 @@ neither read nor set; signup and login, made before there is a session, are the 
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
+import hashlib
 import hmac
+import logging
 import math
-import threading
 import time
 from typing import Annotated
 
+from anyio import from_thread
 from fastapi import Depends, Request, Response
 
 from mistral_serve.api.deps import DbSession
 from mistral_serve.api.errors import APIError
+from mistral_serve.api.limits import Charge, Counters, CountersUnavailable
 from mistral_serve.db import crud
 from mistral_serve.db.models import Account
 from mistral_serve.security import generate_token
@@ -28,8 +30,9 @@ from mistral_serve.security import generate_token
 SESSION_COOKIE = "msv_session"
 CSRF_COOKIE = "msv_csrf"
 CSRF_HEADER = "X-CSRF-Token"
+
+log = logging.getLogger(__name__)
 SESSION_LIFETIME = timedelta(days=14)
-MAX_TRACKED = 100_000  # (account or address) entries the login throttle keeps before sweeping
 
 
 def is_https(request: Request) -> bool:
@@ -94,57 +97,64 @@ ChangingLogin = Annotated[Login, Depends(current_login_with_csrf)]
 
 
 class LoginThrottle:
-    """Failed password checks per account and per client address in a sliding window; past the limit,
-    further attempts are refused (429) until the oldest failure leaves the window.
+    """Failed password checks per account and per client address, counted in fixed windows of
+    `window_s` aligned to the clock (as the rate limits are): past the limit, further attempts are
+    refused (429) until the window ends. The counters are the rate limiter's, so with Redis every
+    replica brakes the same guesser. Counter names carry a hash of the email or address, never the
+    address itself. If the counters cannot be reached, log-ins go on unbraked (and a warning is logged).
 
-    The counts live in this process: with several replicas, each brakes on its own."""
+    The methods are called from the routes' worker threads; they run the counters on the event loop."""
 
-    def __init__(self, max_failures_per_account: int = 5, max_failures_per_address: int = 20,
-                 window_s: float = 15 * 60, clock=time.monotonic):
+    def __init__(self, counters: Counters, max_failures_per_account: int = 5, max_failures_per_address: int = 20,
+                 window_s: int = 15 * 60, clock=time.time):
+        self.counters = counters
         self.max_failures = {"account": max_failures_per_account, "address": max_failures_per_address}
         self.window_s = window_s
         self.clock = clock
-        self._failures: dict[tuple[str, str], deque[float]] = {}
-        self._lock = threading.Lock()  # routes run in a threadpool
 
     def retry_after(self, email: str, address: str) -> int | None:
         """Seconds until `email` from `address` may try again; None if it may now."""
-        waits = []
-        with self._lock:
-            now = self.clock()
-            for kind, name in (("account", email), ("address", address)):
-                times = self._recent(kind, name, now)
-                if len(times) >= self.max_failures[kind]:
-                    waits.append(times[0] + self.window_s - now)
-        return max(1, math.ceil(max(waits))) if waits else None
+        now = self.clock()
+        window = int(now // self.window_s)
+        # a charge of 0 within max - 1: "admitted" means fewer than max failures so far
+        checks = [Charge(self._name(kind, name, window), 0, self.max_failures[kind] - 1)
+                  for kind, name in (("account", email), ("address", address))]
+        is_allowed, _ = self._run(self.counters.charge, checks, 2 * self.window_s, default=(True, []))
+        return None if is_allowed else max(1, math.ceil((window + 1) * self.window_s - now))
 
     def record_failure(self, email: str, address: str) -> None:
-        with self._lock:
-            now = self.clock()
-            for kind, name in (("account", email), ("address", address)):
-                self._failures.setdefault((kind, name), deque()).append(now)
-            if len(self._failures) > MAX_TRACKED:  # a spray of emails or addresses: forget what has expired
-                for entry in [entry for entry, times in self._failures.items()
-                              if times[-1] <= now - self.window_s]:
-                    del self._failures[entry]
+        window = int(self.clock() // self.window_s)
+        for kind, name in (("account", email), ("address", address)):
+            self._run(self.counters.add, self._name(kind, name, window), 1, 2 * self.window_s)
 
     def record_success(self, email: str) -> None:
-        with self._lock:
-            self._failures.pop(("account", email), None)
+        """The account's failures are forgotten (the address's are not)."""
+        name = self._name("account", email, int(self.clock() // self.window_s))
+        _, [num_failures] = self._run(self.counters.charge, [Charge(name, 0, 2**62)], 2 * self.window_s,
+                                      default=(True, [0]))
+        if num_failures:
+            self._run(self.counters.add, name, -num_failures, 2 * self.window_s)
 
-    def _recent(self, kind: str, name: str, now: float) -> deque[float]:
-        """The failures of (kind, name) in the window, oldest first."""
-        times = self._failures.get((kind, name), deque())
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
-        return times
+    @staticmethod
+    def _name(kind: str, name: str, window: int) -> str:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+        return f"login:{kind}:{digest}:{window}"
+
+    @staticmethod
+    def _run(operation, *args, default=None):
+        try:
+            return from_thread.run(operation, *args)
+        except CountersUnavailable as error:
+            log.warning("log-in brake unavailable, letting the attempt through: %s", error)
+            return default
 
 
 async def login_throttle(request: Request) -> LoginThrottle:
-    """The app's throttle, made on first use (on the event loop: no race)."""
+    """The app's throttle, made on first use (on the event loop: no race), on the limiter's counters."""
     throttle = getattr(request.app.state, "login_throttle", None)
     if throttle is None:
-        throttle = request.app.state.login_throttle = LoginThrottle()
+        counters = request.app.state.serving.limiter.counters
+        throttle = request.app.state.login_throttle = LoginThrottle(counters)
     return throttle
 
 

@@ -23,8 +23,11 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, **kwargs):
+    def __init__(self, content, source=None, **kwargs):
+        """`source`: an async iterator `content` reads from, closed with it even if `content` never
+        started (closing it aborts the generation)."""
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kwargs)
+        self.source = source
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
@@ -45,6 +48,8 @@ class EventStreamResponse(StreamingResponse):
                 task_group.start_soon(watch_disconnect)
         finally:
             await self.body_iterator.aclose()  # closing it aborts the generation
+            if self.source is not None:
+                await self.source.aclose()
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 import logging
@@ -34,6 +35,7 @@ class RequestMeter:
     admission: Admission | None = None
     first_token_at: float | None = None
     is_ended: bool = False
+    on_ended: Callable[[], None] | None = None  # called once, when the request's row is recorded
 
     def on_first_token(self) -> None:
         if self.first_token_at is None:
@@ -65,3 +67,5 @@ class RequestMeter:
             prompt_tokens=num_prompt_tokens, cached_prompt_tokens=num_cached_prompt_tokens,
             completion_tokens=num_completion_tokens, finish_reason=finish_reason, time_to_first_token_ms=ttft_ms,
             created_at=self.created_at))
+        if self.on_ended is not None:
+            self.on_ended()

@@ -17,6 +17,7 @@ from mistral_serve.security import (api_key_prefix, generate_api_key, generate_t
 
 MAX_EMAIL_CHARS = 254
 MAX_KEY_NAME_CHARS = 100
+MAX_LIMITS = {"requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**31 - 1, "token_budget": 2**63 - 1}  # the columns'
 
 
 class AlreadyExists(ValueError):
@@ -35,8 +36,9 @@ class KeyLimits:
     def __post_init__(self) -> None:
         for name in ("requests_per_minute", "tokens_per_minute", "token_budget"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= MAX_LIMITS[name]):
+                raise ValueError(f"{name} must be a whole number from 1 to {MAX_LIMITS[name]}, got {value!r}")
         if self.budget_period is not None and self.budget_period not in BUDGET_PERIODS:
             raise ValueError(f"budget_period must be 'day' or 'month', got {self.budget_period!r}")
         if (self.token_budget is None) != (self.budget_period is None):
@@ -53,7 +55,7 @@ def normalize_email(email: str) -> str:
     normalized = email.strip().lower()
     local, at, domain = normalized.rpartition("@")
     if (not at or not local or "." not in domain.strip(".") or len(normalized) > MAX_EMAIL_CHARS
-            or any(char.isspace() for char in normalized)):
+            or any(char.isspace() or _is_control(char) for char in normalized)):
         raise ValueError(f"not an email address: {email!r}")
     return normalized
 
@@ -167,7 +169,13 @@ def _key_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > MAX_KEY_NAME_CHARS:
         raise ValueError(f"a key name has 1 to {MAX_KEY_NAME_CHARS} characters")
+    if any(_is_control(char) for char in name):
+        raise ValueError("a key name has no control characters")
     return name
+
+
+def _is_control(char: str) -> bool:
+    return char < " " or "\x7f" <= char <= "\x9f"  # PostgreSQL cannot store NUL; none belongs in a name
 
 
 def find_key_by_raw(session: Session, raw_key: str) -> ApiKey | None:
@@ -267,12 +275,17 @@ class UsageRecord:
             raise ValueError(f"usage status must be one of {', '.join(USAGE_STATUSES)}, got {self.status!r}")
 
 
-def record_usage_batch(session: Session, records: Sequence[UsageRecord]) -> None:
-    """Insert `records` in one statement and one transaction: all of them or none. A row whose key or
-    account was deleted meanwhile is kept, without the link."""
-    if not records:
-        return
-    rows = [asdict(record) for record in records]
+def record_usage_batch(session: Session, records: Sequence[UsageRecord]) -> int:
+    """Insert `records` in one statement and one transaction: all of them or none. A row whose request
+    id is already there is skipped (a spooled batch written twice adds nothing); a row whose key or
+    account was deleted meanwhile is kept, without the link. Returns the number of rows inserted."""
+    rows = list({record.request_id: asdict(record) for record in records}.values())
+    if rows:
+        existing = set(session.scalars(select(Usage.request_id).where(
+            Usage.request_id.in_([row["request_id"] for row in rows]))))
+        rows = [row for row in rows if row["request_id"] not in existing]
+    if not rows:
+        return 0
     key_ids = set(session.scalars(select(ApiKey.id).where(ApiKey.id.in_({row["key_id"] for row in rows}))))
     account_ids = set(session.scalars(select(Account.id).where(
         Account.id.in_({row["account_id"] for row in rows}))))
@@ -281,6 +294,7 @@ def record_usage_batch(session: Session, records: Sequence[UsageRecord]) -> None
         row["account_id"] = row["account_id"] if row["account_id"] in account_ids else None
     session.execute(insert(Usage), rows)
     session.commit()
+    return len(rows)
 
 
 def count_key_tokens(session: Session, key_id: int, since: datetime) -> int:

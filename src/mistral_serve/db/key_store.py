@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import logging
+import threading
+import time
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mistral_serve.db import crud
 from mistral_serve.db.crud import KeyLimits
+from mistral_serve.security import hash_api_key
 
 
 log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_KEYS = 100_000  # keys accepted recently, kept for a database outage
 
 
 class KeyRefused(Exception):
@@ -35,29 +40,68 @@ class ActiveKey:
 
 
 class KeyStore:
-    """No cache: a disabled or deleted key is refused on its next request, in every process that
-    shares the database. One indexed read per request, and at most one write per key per minute."""
+    """Every request's key is checked against the database: a disabled or deleted key is refused on
+    its next request, in every process that shares the database. One indexed read per request, and
+    at most one write per key per minute.
 
-    def __init__(self, sessions: sessionmaker[Session]):
+    While the database cannot be reached, a key that was accepted within `outage_grace_s` is
+    accepted again (from memory, by the key's hash), so that an outage of the database does not stop
+    serving; other keys get KeyStoreUnavailable."""
+
+    def __init__(self, sessions: sessionmaker[Session], outage_grace_s: float = 0.0, clock=time.monotonic):
         self.sessions = sessions
+        self.outage_grace_s = outage_grace_s
+        self.clock = clock
+        self._accepted: dict[str, tuple[float, ActiveKey]] = {}  # key hash → (when, the key), oldest first
+        self._lock = threading.Lock()  # requests check keys in worker threads
 
     def authenticate(self, raw_key: str) -> ActiveKey:
+        key_hash = hash_api_key(raw_key)
         with self.sessions() as session:
             try:
                 key = crud.find_key_by_raw(session, raw_key)
             except SQLAlchemyError as error:
-                log.error("cannot read API keys: %s", error)
-                raise KeyStoreUnavailable("The key store is unavailable; try again shortly.") from None
+                return self._accepted_during_outage(key_hash, error)
             if key is None:
+                self._forget(key_hash)
                 raise KeyRefused("Incorrect API key provided. You can create a key with "
                                  "`mistral-serve keys create` and list yours with `mistral-serve keys list`.")
-            if not key.is_enabled:
-                raise KeyRefused(f"The API key msk-{key.prefix}… is disabled; enable it to use it again.")
-            if not key.account.is_enabled:
-                raise KeyRefused("The account this API key belongs to is disabled.")
+            if not key.is_enabled or not key.account.is_enabled:
+                self._forget(key_hash)
+                raise KeyRefused(f"The API key msk-{key.prefix}… is disabled; enable it to use it again."
+                                 if not key.is_enabled else "The account this API key belongs to is disabled.")
             active = ActiveKey(key.id, key.account_id, key.name, key.prefix, KeyLimits.of(key))
+            self._remember(key_hash, active)
             try:
                 crud.touch_key_last_used(session, key.id)
             except SQLAlchemyError as error:  # a busy database must not refuse a valid key
                 log.warning("cannot record the last use of key %d: %s", key.id, error)
         return active
+
+    def _remember(self, key_hash: str, active: ActiveKey) -> None:
+        if self.outage_grace_s <= 0:
+            return
+        with self._lock:
+            self._accepted.pop(key_hash, None)  # re-inserted last: the dict stays oldest first
+            self._accepted[key_hash] = (self.clock(), active)
+            while len(self._accepted) > MAX_REMEMBERED_KEYS:
+                del self._accepted[next(iter(self._accepted))]
+
+    def forget(self, *, key_id: int | None = None, account_id: int | None = None) -> None:
+        """The key (or every key of the account) changed here: check it again on its next request."""
+        with self._lock:
+            self._accepted = {key_hash: (when, key) for key_hash, (when, key) in self._accepted.items()
+                              if key.id != key_id and key.account_id != account_id}
+
+    def _forget(self, key_hash: str) -> None:
+        with self._lock:
+            self._accepted.pop(key_hash, None)
+
+    def _accepted_during_outage(self, key_hash: str, error: SQLAlchemyError) -> ActiveKey:
+        remembered = self._accepted.get(key_hash)
+        if remembered is not None and self.clock() - remembered[0] <= self.outage_grace_s:
+            log.warning("cannot read API keys (%s); accepting key %d, checked %.0f s ago", error,
+                        remembered[1].id, self.clock() - remembered[0])
+            return remembered[1]
+        log.error("cannot read API keys: %s", error)
+        raise KeyStoreUnavailable("The key store is unavailable; try again shortly.") from None

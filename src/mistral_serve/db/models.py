@@ -111,7 +111,8 @@ class Usage(Base):
 
     # a 64-bit id where the table may grow large; SQLite's row id is 64-bit already, as INTEGER
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(64))  # the completion id the client saw
+    # the completion id the client saw; unique, so a spooled row written twice is stored once
+    request_id: Mapped[str] = mapped_column(String(64), index=True, unique=True)
     # kept when the key or account is deleted: the totals stay true
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"))

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 import logging
 import threading
+import time
 import uuid
 
 from mistral_serve.engine.engine import CompletionDelta, LLMEngine, StepError
@@ -21,6 +22,29 @@ logger = logging.getLogger(__name__)
 
 class EngineStoppedError(RuntimeError):
     pass
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full: the request was not queued. Try again shortly."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """The request waited in the queue longer than the engine's queue timeout and was dropped."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Bounds on the requests waiting for a place in the running batch (None: unbounded)."""
+
+    max_queued_requests: int | None = None
+    max_queued_prompt_tokens: int | None = None
+    queue_timeout_s: float | None = None
+
+
+@dataclass
+class _Queued:
+    submitted_at: float
+    num_prompt_tokens: int
 
 
 @dataclass
@@ -36,12 +60,16 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, limits: QueueLimits = QueueLimits()):
         self.engine = engine
+        self.limits = limits
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._new_requests: list[tuple[str, list[int], SamplingParams]] = []
+        self._new_requests: list[tuple[str, list[int], SamplingParams, str]] = []
+        self._queued: dict[str, _Queued] = {}  # submitted, not yet started: what the limits bound
+        self._num_queued_prompt_tokens = 0
         self._aborts: list[str] = []
+        self._abort_reason: str | None = None  # set by abort_all: what the aborted callers are told
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._is_stopping = False
@@ -62,9 +90,15 @@ class AsyncEngine:
             self._thread.join()
             self._thread = None
 
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted and not yet started."""
+        return len(self._queued)
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[CompletionDelta]:
-        """Yield the request's deltas until every choice has finished.
+                       request_id: str | None = None, tenant: str = "") -> AsyncIterator[CompletionDelta]:
+        """Yield the request's deltas until every choice has finished. Raises EngineOverloadedError at
+        once when the queue is full, QueueTimeoutError when the request waited too long to start.
 
         Closing or cancelling the iterator aborts the request and frees its blocks."""
         if self._is_stopping or self._thread is None:
@@ -75,8 +109,11 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
+            self._check_queue_room(len(prompt_token_ids))
             self._streams[request_id] = stream
-            self._new_requests.append((request_id, list(prompt_token_ids), params))
+            self._queued[request_id] = _Queued(time.monotonic(), len(prompt_token_ids))
+            self._num_queued_prompt_tokens += len(prompt_token_ids)
+            self._new_requests.append((request_id, list(prompt_token_ids), params, tenant))
         self._wake.set()
         is_finished = False
         try:
@@ -96,45 +133,95 @@ class AsyncEngine:
             self._aborts.append(request_id)
         self._wake.set()
 
+    def abort_all(self, reason: str) -> None:
+        """Abort every request, queued or running; each caller gets EngineStoppedError(reason). The
+        engine keeps running."""
+        with self._lock:
+            self._aborts.extend(self._streams)
+            self._abort_reason = reason
+        self._wake.set()
+
+    def _check_queue_room(self, num_prompt_tokens: int) -> None:
+        limits = self.limits
+        if limits.max_queued_requests is not None and len(self._queued) >= limits.max_queued_requests:
+            raise EngineOverloadedError(f"{len(self._queued)} requests are already waiting for this model")
+        if (limits.max_queued_prompt_tokens is not None and self._queued
+                and self._num_queued_prompt_tokens + num_prompt_tokens > limits.max_queued_prompt_tokens):
+            raise EngineOverloadedError(f"{self._num_queued_prompt_tokens} prompt tokens are already waiting "
+                                        "for this model")
+
+    def _unqueue(self, request_id: str) -> None:
+        """The request started, ended or was dropped: it no longer counts against the queue (lock held)."""
+        queued = self._queued.pop(request_id, None)
+        if queued is not None:
+            self._num_queued_prompt_tokens -= queued.num_prompt_tokens
+
     # the engine thread
 
     def _loop(self) -> None:
         while True:
-            self._apply_inbox()
-            if self._is_stopping:
-                self._abort_all(EngineStoppedError("the engine was shut down"))
-                return
-            if not self.engine.has_unfinished_requests():
-                self.idle.set()
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            self.idle.clear()
             try:
-                deltas = self.engine.step()
-            except StepError as error:
-                logger.exception("engine step failed for %d request(s)", len(error.request_ids))
-                for request_id in error.request_ids:
-                    self._close(request_id, error.cause)
-                continue
+                if self._run_once():
+                    return
             except Exception as error:  # a bug outside the model run: fail everyone, keep the loop up
-                logger.exception("engine step failed")
+                logger.exception("engine loop failed")
                 self._abort_all(error)
-                continue
-            self._publish(deltas)
+
+    def _run_once(self) -> bool:
+        """Take in new requests and aborts, then run one step; True once the engine is shut down."""
+        self._apply_inbox()
+        if self._is_stopping:
+            self._abort_all(EngineStoppedError("the engine was shut down"))
+            return True
+        if not self.engine.has_unfinished_requests():
+            self.idle.set()
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            return False
+        self.idle.clear()
+        self._update_queue()
+        try:
+            deltas = self.engine.step()
+        except StepError as error:
+            logger.exception("engine step failed for %d request(s)", len(error.request_ids))
+            for request_id in error.request_ids:
+                self._close(request_id, error.cause)
+            return False
+        self._publish(deltas)
+        return False
 
     def _apply_inbox(self) -> None:
         with self._lock:
             new_requests, self._new_requests = self._new_requests, []
             aborts, self._aborts = self._aborts, []
-        for request_id, prompt_token_ids, params in new_requests:
+            reason, self._abort_reason = self._abort_reason, None
+        for request_id, prompt_token_ids, params, tenant in new_requests:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params)
+                self.engine.add_request(request_id, prompt_token_ids, params, tenant)
             except ValueError as error:
+                self._close(request_id, error)
+            except Exception as error:  # a bug: this request fails, the loop and the others go on
+                logger.exception("could not add request %s", request_id)
                 self._close(request_id, error)
         for request_id in aborts:
             self.engine.abort_request(request_id)
-            self._close(request_id, None)
+            self._close(request_id, EngineStoppedError(reason) if reason else None)
+
+    def _update_queue(self) -> None:
+        """Forget queued requests that have started; drop those that waited past the queue timeout."""
+        timeout_s = self.limits.queue_timeout_s
+        now = time.monotonic()
+        with self._lock:
+            queued = list(self._queued.items())
+        for request_id, entry in queued:
+            if self.engine.is_request_started(request_id):
+                with self._lock:
+                    self._unqueue(request_id)
+            elif timeout_s is not None and now - entry.submitted_at > timeout_s:
+                self.engine.abort_request(request_id)
+                self._close(request_id, QueueTimeoutError(
+                    f"the request waited {now - entry.submitted_at:.0f} s for a place, longer than the "
+                    f"queue timeout of {timeout_s:g} s"))
 
     def _publish(self, deltas: list[CompletionDelta]) -> None:
         for delta in deltas:
@@ -147,6 +234,7 @@ class AsyncEngine:
     def _close(self, request_id: str, error: BaseException | None) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
+            self._unqueue(request_id)
         if stream is not None and error is not None:
             stream.put(error)
 
@@ -155,5 +243,7 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
         with self._lock:
             streams, self._streams = self._streams, {}
+            self._queued.clear()
+            self._num_queued_prompt_tokens = 0
         for stream in streams.values():
             stream.put(error)

@@ -22,9 +22,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 (the dtype Mistral's weights are published in) on CUDA and on CPUs with native
+    bfloat16 matmuls (AVX512-BF16, AMX); float32 on other CPUs, where bfloat16 is emulated and slow."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bfloat16()):
+            return torch.bfloat16
+        return torch.float32
     return DTYPES[name]
+
+
+def cpu_has_native_bfloat16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def engine_config(settings: Settings) -> EngineConfig:

@@ -14,7 +14,7 @@ from mistral_serve.engine.guided import GrammarCompilerCache
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
 from mistral_serve.engine.scheduler import Scheduler
-from mistral_serve.engine.sequence import FinishReason, Sequence
+from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from mistral_serve.engine.text_stream import TextStream
 from mistral_serve.model.mistral import Transformer
 from mistral_serve.model.sampler import SampledToken
@@ -123,14 +123,18 @@ class LLMEngine:
         if params.guided is not None:
             self.grammars.compile(params.guided)  # once per spec; the engine thread finds it cached
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    tenant: str = "") -> None:
+        """Queue a request. `tenant` names who asked: waiting requests are admitted fairly between
+        tenants, so one that sends many cannot starve the others."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
         leader = None
         seqs = []
         for index in range(params.n):
-            seq = Sequence(request_id, index, prompt_token_ids, params, self.max_seq_len, leader=leader)
+            seq = Sequence(request_id, index, prompt_token_ids, params, self.max_seq_len, leader=leader,
+                           tenant=tenant)
             leader = leader or seq
             seqs.append(seq)
         request = _Request(seqs)
@@ -158,6 +162,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def is_request_started(self, request_id: str) -> bool:
+        """The request has left the waiting queue (it may be running, preempted or over)."""
+        request = self.requests.get(request_id)
+        return request is None or any(seq.status is not SequenceStatus.WAITING or seq.num_preemptions
+                                      for seq in request.seqs)
 
     # the step
 

@@ -13,9 +13,11 @@ import torch
 from mistral_serve.engine.guided import GrammarMatcher, allocate_token_bitmask
 from mistral_serve.engine.scheduler import ScheduledSequence
 from mistral_serve.engine.sequence import Sequence
-from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
+from mistral_serve.engine.token_counts import TokenCounts
+from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.packed import pack_linears
 from mistral_serve.model.sampler import SampledToken, Sampler, SamplingRow
 
 
@@ -34,6 +36,7 @@ class ModelRunner:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = model.embed_tokens.weight.dtype
+        pack_linears(model)  # the runner is the model's only user from here on
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -41,6 +44,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
         self.matchers: dict[int, GrammarMatcher] = {}  # per constrained sequence
+        self.token_counts: dict[int, TokenCounts] = {}  # per sequence with penalties
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[SampledToken | None]:
@@ -84,38 +88,53 @@ class ModelRunner:
         logits_indices: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+        chunks: list[tuple[int, int, int, list[int]]] = []  # (token_start, num_tokens, start, table)
+        block_size = self.block_size
         for item in items:
             seq, start, count = item.seq, item.start_position, item.num_new_tokens
-            first = len(token_ids)
-            token_ids += seq.token_ids[start:start + count]
-            positions += range(start, start + count)
             table = seq.block_table
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, start + count)]
             if count == 1:
+                token_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                prefills.append(PrefillChunk(first, count, start, self._tensor(table)))
+                chunks.append((len(token_ids), count, start, table))
+                token_ids += seq.token_ids[start:start + count]
+                positions += range(start, start + count)
+                slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + count)]
             if item.samples_token:
                 logits_indices.append(len(token_ids) - 1)
+        width = max(map(len, decode_tables), default=0)
+        padded_tables = [x for table in decode_tables for x in (*table, *[0] * (width - len(table)))]
+        # every integer input of the step in one host tensor, one copy to the device
+        parts = [token_ids, positions, slots, logits_indices, decode_lens, padded_tables,
+                 *(table for *_, table in chunks)]
+        ints = self._tensor([x for part in parts for x in part]).split([len(part) for part in parts])
+        token_ids_t, positions_t, slots_t, logits_indices_t, lens_t, tables_t = ints[:6]
+        num_decodes = len(decode_lens)
+        layout = None
+        if num_decodes:
+            tables_t = tables_t.view(num_decodes, width)
+            layout = decode_layout(tables_t, lens_t, block_size, self.config.sliding_window, max(decode_lens))
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            num_decodes=len(decode_tables),
-            decode_block_tables=self._padded(decode_tables) if decode_tables else None,
-            decode_context_lens=self._tensor(decode_lens) if decode_lens else None,
-            prefills=tuple(prefills),
+            slot_mapping=slots_t,
+            num_decodes=num_decodes,
+            decode_block_tables=tables_t if num_decodes else None,
+            decode_context_lens=lens_t if num_decodes else None,
+            prefills=tuple(PrefillChunk(first, count, start, table_t)
+                           for (first, count, start, _), table_t in zip(chunks, ints[6:])),
             sliding_window=self.config.sliding_window,
+            decode_layout=layout,
         )
-        return self._tensor(token_ids), self._tensor(positions), meta, self._tensor(logits_indices)
+        return token_ids_t, positions_t, meta, logits_indices_t
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max(len(table) for table in tables)
-        return self._tensor([table + [0] * (width - len(table)) for table in tables])
+        if self.device.type == "cpu":
+            return torch.tensor(values, dtype=torch.int64)
+        # pinned, so the copy is asynchronous and the step does not wait on the device
+        return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
@@ -130,9 +149,20 @@ class ModelRunner:
             repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
             banned_token_ids=banned, num_logprobs=params.num_logprobs,
             generator=self._generator(seq),
-            prompt_token_ids=seq.prompt_token_ids if params.repetition_penalty != 1.0 else (),
-            output_token_ids=seq.output_token_ids if params.has_penalties else (),
+            **self._penalty_counts(seq),
         )
+
+    def _penalty_counts(self, seq: Sequence) -> dict[str, torch.Tensor]:
+        """The sequence's token counts, updated with its tokens since the last step (no lists rebuilt)."""
+        params = seq.params
+        if not params.has_penalties:
+            return {}
+        counts = self.token_counts.get(seq.seq_id)
+        if counts is None:
+            counts = self.token_counts[seq.seq_id] = TokenCounts(
+                seq, self.config.vocab_size, self.device, needs_prompt=params.repetition_penalty != 1.0)
+        counts.update(seq)
+        return {"prompt_counts": counts.prompt, "output_counts": counts.output}
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.is_greedy:
@@ -158,3 +188,4 @@ class ModelRunner:
         """Forget per-sequence state once the sequence has finished."""
         self.generators.pop(seq.seq_id, None)
         self.matchers.pop(seq.seq_id, None)
+        self.token_counts.pop(seq.seq_id, None)

@@ -2,19 +2,25 @@
 
 Every step gets a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
 Running sequences go first, oldest first: a decode costs one token, an unfinished prompt takes
-the next chunk that fits. Then waiting sequences are admitted in arrival order, their cached
-prefix taken from the prefix cache and their prompt chunked to fit what is left of the budget.
+the next chunk that fits. Then waiting sequences are admitted, their cached prefix taken from the
+prefix cache and their prompt chunked to fit what is left of the budget: preempted sequences
+first, then, fairly between tenants (the API keys that asked), the oldest sequence of the tenant
+with the fewest running (of those, the one served longest ago): a tenant with a hundred requests
+queued cannot starve one with one.
 When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from mistral_serve.engine.block_manager import BlockManager
 from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+MAX_REMEMBERED_TENANTS = 10_000  # past this, tenants with nothing queued or running are forgotten
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start, for metrics
+        self._num_admissions = 0
+        self._last_admission: dict[str, int] = {}  # tenant → the serial of its latest admission
 
     @property
     def num_unfinished(self) -> int:
@@ -75,18 +83,20 @@ class Scheduler:
         return scheduled
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.can_start():  # an n > 1 sibling waits for its leader's prompt
-                skipped.append(self.waiting.popleft())
-                continue
+        num_running_by_tenant = Counter(seq.tenant for seq in self.running)
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._next_to_admit(num_running_by_tenant)
+            if seq is None:
+                break
             cached_block_ids = self.block_manager.find_cached_prefix(seq)
             num_cached = len(cached_block_ids) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(seq, num_new, cached_block_ids):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            num_running_by_tenant[seq.tenant] += 1
+            self._num_admissions += 1
+            self._last_admission[seq.tenant] = self._num_admissions
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
             seq.num_computed_tokens = num_cached
@@ -94,8 +104,29 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(_scheduled(seq, num_new))
             budget -= num_new
-        self.waiting.extendleft(reversed(skipped))
         return budget
+
+    def _next_to_admit(self, num_running_by_tenant: Counter) -> Sequence | None:
+        """A preempted sequence (it was running: it goes back first), else the oldest waiting sequence
+        of the tenant with the fewest running; None if none can start (n > 1 siblings wait for their
+        leader's prompt)."""
+        best, best_rank = None, None
+        for seq in self.waiting:
+            if not seq.can_start():
+                continue
+            if seq.num_preemptions:
+                return seq
+            rank = (num_running_by_tenant[seq.tenant], self._last_admission.get(seq.tenant, 0))
+            if best is None or rank < best_rank:  # strictly: a tenant's oldest sequence stands for it
+                best, best_rank = seq, rank
+        if len(self._last_admission) > MAX_REMEMBERED_TENANTS:
+            self._forget_idle_tenants()
+        return best
+
+    def _forget_idle_tenants(self) -> None:
+        present = {seq.tenant for seq in self.waiting} | {seq.tenant for seq in self.running}
+        self._last_admission = {tenant: serial for tenant, serial in self._last_admission.items()
+                                if tenant in present}
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

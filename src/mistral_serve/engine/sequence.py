@@ -31,7 +31,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 max_total_tokens: int, leader: Sequence | None = None):
+                 max_total_tokens: int, leader: Sequence | None = None, tenant: str = ""):
         self.seq_id = next(_sequence_ids)
         self.request_id = request_id
         self.index = index  # choice index within the request
@@ -40,6 +40,7 @@ class Sequence:
         self.params = params
         self.max_total_tokens = max_total_tokens  # the context limit this sequence may grow to
         self.leader = leader  # for n > 1: siblings wait until the leader's prompt is cached, then share it
+        self.tenant = tenant  # who asked (an API key): the scheduler admits tenants in turn
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0

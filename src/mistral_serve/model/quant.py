@@ -1,8 +1,13 @@
-"""Weight-only int8 quantization, in two verbs as in gpt-fast: quantize a weight, and swap the
-model's `nn.Linear`s for `Int8Linear`s. The model code knows nothing of either.
+"""Weight-only int8 and int4 quantization, in two verbs as in gpt-fast: quantize a weight, and
+swap the model's `nn.Linear`s for `Int8Linear`s or `Int4Linear`s. The model code knows nothing of
+either.
 
-Each output row keeps its own scale (symmetric, absmax / 127), so a weight becomes
+int8: each output row keeps its own scale (symmetric, absmax / 127), so a weight becomes
 `int8 (out, in)` plus `scales (out,)` and `weight ≈ int8 * scales[:, None]`.
+
+int4 (CPU only): each group of `group_size` inputs of an output row keeps a scale and an offset
+(asymmetric, min..max in 16 steps): `weight ≈ (q - 8) * scale + zero`, q in 0..15, packed two to a
+byte in the layout torch's CPU int4 kernel reads.
 """
 
 from __future__ import annotations
@@ -72,6 +77,17 @@ def swap_linears_for_int8(model: nn.Module, *, dtype: torch.dtype, exclude: Coll
     """Replace every bias-free `nn.Linear` of `model` (except the qualified names in `exclude`) by an
     empty `Int8Linear` on the same device; meant for a model built on the meta device, before
     its weights are loaded.  Returns the qualified names of the swapped modules."""
+    return _swap_linears(model, exclude, lambda module: Int8Linear(
+        module.in_features, module.out_features, dtype=dtype, device=module.weight.device))
+
+
+def swap_linears_for_int4(model: nn.Module, *, dtype: torch.dtype, exclude: Collection[str] = ()) -> set[str]:
+    """As `swap_linears_for_int8`, with empty `Int4Linear`s."""
+    return _swap_linears(model, exclude, lambda module: Int4Linear(
+        module.in_features, module.out_features, dtype=dtype, device=module.weight.device))
+
+
+def _swap_linears(model: nn.Module, exclude: Collection[str], make) -> set[str]:
     swapped = set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in exclude:
@@ -80,7 +96,63 @@ def swap_linears_for_int8(model: nn.Module, *, dtype: torch.dtype, exclude: Coll
             raise ValueError(f"{name}: int8 quantization supports only bias-free linear layers")
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, Int8Linear(module.in_features, module.out_features, dtype=dtype,
-                                               device=module.weight.device))
+        setattr(parent, child_name, make(module))
         swapped.add(name)
     return swapped
+
+
+# int4
+
+_INT4_GROUP_SIZES = (128, 64, 32)  # the kernel's; the largest that divides a layer's width is used
+
+
+def int4_group_size(in_features: int) -> int:
+    for group_size in _INT4_GROUP_SIZES:
+        if in_features % group_size == 0:
+            return group_size
+    raise ValueError(f"int4 quantization needs in_features divisible by 32, got {in_features}")
+
+
+def quantize_int4(weight: torch.Tensor, scales_dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight: (out, in) float, on the CPU.  Returns (packed uint8 (out, in / 2), scales_and_zeros
+    (in / group_size, out, 2)) in `scales_dtype` (default: the weight's dtype)."""
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.device.type != "cpu":
+        raise ValueError(f"quantize_int4 expects a 2-D float CPU weight, got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    out_features, in_features = weight.shape
+    group_size = int4_group_size(in_features)
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    dtype = scales_dtype or weight.dtype
+    # rounded to their stored dtype first, so q is chosen against the values the kernel will use
+    scales = ((high - low).clamp(min=1e-6) / 15).to(dtype).float()
+    zeros = (low + 8 * scales).to(dtype).float()
+    q = (groups - zeros).div_(scales).add_(8).round_().clamp_(0, 15).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(out_features, in_features), 1)
+    scales_and_zeros = torch.cat((scales, zeros), dim=-1).transpose(0, 1).to(dtype).contiguous()
+    return packed, scales_and_zeros
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with a packed int4 weight and a scale and offset per group of inputs."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = int4_group_size(in_features)
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // self.group_size, out_features, 2,
+                                                             dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features).  Returns (..., out_features) in x's dtype."""
+        x2d = x.reshape(-1, self.in_features).contiguous()  # (tokens, in)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.weight, self.group_size,
+                                                         self.scales_and_zeros.to(x.dtype))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"scales={self.scales_and_zeros.dtype}")

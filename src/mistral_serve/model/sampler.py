@@ -46,6 +46,10 @@ class SamplingRow:
     generator: torch.Generator | None = None  # a seeded request's own RNG; None: the sampler's
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    # the same as (vocab_size,) float32 counts on the logits' device, kept up to date by the caller;
+    # when given, they are used instead of the id lists, which then need not be built
+    prompt_counts: torch.Tensor | None = None
+    output_counts: torch.Tensor | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -187,11 +191,11 @@ def _apply_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None
     vocab_size, device = logits.shape[1], logits.device
     index = _index(positions, device)
     scores = logits[index]  # (num_penalized, vocab_size)
-    output_counts = _token_counts([row.output_token_ids for row in penalized], vocab_size, device)
+    output_counts = _row_counts(penalized, "output", vocab_size, device)
     # repetition: prompt and output tokens alike
     if any(row.repetition_penalty != 1.0 for row in penalized):
         repetition = _column([row.repetition_penalty for row in penalized], device)
-        prompt_counts = _token_counts([row.prompt_token_ids for row in penalized], vocab_size, device)
+        prompt_counts = _row_counts(penalized, "prompt", vocab_size, device)
         is_seen = (output_counts > 0) | (prompt_counts > 0)
         repeated = torch.where(scores > 0, scores / repetition, scores * repetition)
         scores = torch.where(is_seen, repeated, scores)
@@ -200,6 +204,18 @@ def _apply_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None
     frequency = _column([row.frequency_penalty for row in penalized], device)
     scores = scores - frequency * output_counts - presence * (output_counts > 0)
     logits[index] = scores
+
+
+def _row_counts(rows: Sequence[SamplingRow], which: str, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), vocab_size) float32 counts of the rows' prompt or output tokens: a row's own
+    count tensor where it has one, else counted from its id list."""
+    counts = [getattr(row, f"{which}_counts") for row in rows]
+    missing = [i for i, c in enumerate(counts) if c is None]
+    if missing:
+        counted = _token_counts([getattr(rows[i], f"{which}_token_ids") for i in missing], vocab_size, device)
+        for j, i in enumerate(missing):
+            counts[i] = counted[j]
+    return torch.stack(counts)
 
 
 def _token_counts(sequences: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:

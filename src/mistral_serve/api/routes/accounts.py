@@ -7,12 +7,12 @@ JSON in and out; errors in the OpenAI envelope. Authentication is the session co
 from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-from mistral_serve.api.deps import DbSession
+from mistral_serve.api.deps import DbSession, State
 from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.sessions import (CSRF_COOKIE, SESSION_COOKIE, ChangingLogin, CurrentLogin, Login, Throttle,
                                         clear_session_cookies, client_address, require_csrf, set_session_cookies,
@@ -148,8 +148,9 @@ def signup(body: Credentials, request: Request, response: Response, db: DbSessio
 @router.post("/login", response_model=LoggedIn)
 def login(body: Credentials, request: Request, response: Response, db: DbSession, throttle: Throttle) -> LoggedIn:
     """Log in. 401 `invalid_credentials` for a wrong password and an unknown email alike; 429
-    `too_many_attempts` (with Retry-After) after 5 failures in 15 minutes for the account, or 20 from
-    the client's address; 403 `account_disabled` for a disabled account's right password."""
+    `too_many_attempts` (with Retry-After) after 5 failures in a 15-minute window for the account, or 20
+    from the client's address (counted across replicas with Redis); 403 `account_disabled` for a
+    disabled account's right password."""
     email, address = body.email.strip().lower(), client_address(request)
     wait_s = throttle.retry_after(email, address)
     if wait_s is not None:
@@ -201,11 +202,13 @@ def change_password(body: PasswordChange, login: ChangingLogin, request: Request
 
 @router.delete("", status_code=204, response_class=Response)
 def delete_account(body: PasswordConfirmation, login: ChangingLogin, request: Request, response: Response,
-                   db: DbSession, throttle: Throttle) -> None:
+                   db: DbSession, throttle: Throttle, state: State) -> None:
     """Delete the account, its keys (refused from the next request on) and its sessions; its usage is
     kept without the link. 400 `wrong_password`."""
     _confirm_password(login, body.password, "password", request, throttle)
+    account_id = login.account.id
     crud.delete_account(db, login.account)
+    state.keys.forget(account_id=account_id)
     clear_session_cookies(request, response)
 
 
@@ -248,7 +251,7 @@ def create_key(body: KeyCreate, login: ChangingLogin, db: DbSession) -> KeyCreat
 
 
 @router.patch("/keys/{key_id}", response_model=KeyPublic)
-def update_key(key_id: str, body: KeyUpdate, login: ChangingLogin, db: DbSession) -> KeyPublic:
+def update_key(key_id: str, body: KeyUpdate, login: ChangingLogin, db: DbSession, state: State) -> KeyPublic:
     """Rename, enable or disable a key, or replace its limits. A disabled key is refused from its next request."""
     key = _own_key(db, login, key_id)
     limits = None if body.limits is None else _key_limits(body.limits)
@@ -256,19 +259,23 @@ def update_key(key_id: str, body: KeyUpdate, login: ChangingLogin, db: DbSession
         crud.update_key(db, key, name=body.name, is_enabled=body.is_enabled, limits=limits)
     except ValueError as error:
         raise invalid_request(f"Invalid name: {error}.", param="name", code="invalid_value") from None
+    state.keys.forget(key_id=key.id)  # other replicas see the change within a second
     return _key_public(key, _usage_by_key(db, login).get(key.id))
 
 
 @router.delete("/keys/{key_id}", status_code=204, response_class=Response)
-def delete_key(key_id: str, login: ChangingLogin, db: DbSession) -> None:
+def delete_key(key_id: str, login: ChangingLogin, db: DbSession, state: State) -> None:
     """Delete a key: refused from its next request on; its usage is kept."""
-    crud.delete_key(db, _own_key(db, login, key_id))
+    key = _own_key(db, login, key_id)
+    numeric_id = key.id
+    crud.delete_key(db, key)
+    state.keys.forget(key_id=numeric_id)
 
 
 def _own_key(db: DbSession, login: Login, key_id: str) -> ApiKey:
     """The account's key `key_id`: 404 for another account's key exactly as for an unknown one."""
     key = None
-    if key_id.isdigit() and 0 < int(key_id) <= MAX_KEY_ID:
+    if key_id.isascii() and key_id.isdigit() and 0 < int(key_id) <= MAX_KEY_ID:  # "³" is a digit, not a number
         key = crud.get_account_key(db, login.account, int(key_id))
     if key is None:
         raise APIError(404, f"No key with the id {key_id!r}.", code="key_not_found")
@@ -296,20 +303,34 @@ def _key_public(key: ApiKey, usage: UsageTotal | None) -> KeyPublic:
 
 # usage
 
+def _iso_day(value):
+    """YYYY-MM-DD only: pydantic would read a number ("0.0", "1700000000") as a Unix time."""
+    if isinstance(value, str) and not (len(value) == 10 and value[4] == value[7] == "-"):
+        raise ValueError("a day is written YYYY-MM-DD")
+    return value
+
+
+Day = Annotated[date, BeforeValidator(_iso_day)]
+
+
 @router.get("/usage", response_model=UsageList, response_model_exclude_unset=True)
-def usage(login: CurrentLogin, db: DbSession, since: date | None = Query(None, description="first day (UTC)"),
-          until: date | None = Query(None, description="last day (UTC), included"),
+def usage(login: CurrentLogin, db: DbSession, since: Day | None = Query(None, description="first day (UTC)"),
+          until: Day | None = Query(None, description="last day (UTC), included"),
           by: Literal["day", "key", "model"] = "day") -> UsageList:
     """The account's usage per UTC day, key or model, from `since` to `until` (both included; by default
     the last 30 days up to today). `key_id` and `key_name` are null for a deleted key."""
     until = until or datetime.now(timezone.utc).date()
-    since = since or until - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+    since = since or date.fromordinal(max(1, until.toordinal() - (DEFAULT_USAGE_DAYS - 1)))
     if since > until:
         raise invalid_request("`since` is after `until`.", param="since", code="invalid_value")
     totals = crud.usage_totals(db, account_id=login.account.id, by=(by,),
                                since=datetime.combine(since, time(), timezone.utc),
-                               until=datetime.combine(until + timedelta(days=1), time(), timezone.utc))
+                               until=datetime.combine(_next_day(until), time(), timezone.utc))
     return UsageList(data=[_usage_row(total, by) for total in totals])
+
+
+def _next_day(day: date) -> date:
+    return day + timedelta(days=1) if day < date.max else day  # no usage is that late: the range may lose it
 
 
 def _usage_row(total: UsageTotal, by: str) -> UsageRow:

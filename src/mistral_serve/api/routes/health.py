@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,8 +21,11 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(state: State, _: Ready) -> dict:
-    """Every model is loaded and its engine running (503 otherwise)."""
-    return {"status": "ready", "models": [model.id for model in state.catalog]}
+    """Every model is loaded and its engine running (503 otherwise); whether the database takes usage
+    rows, and how many bytes of them wait on disk until it does."""
+    return {"status": "ready", "models": [model.id for model in state.catalog],
+            "database": "reachable" if state.usage.is_database_reachable else "unreachable",
+            "usage_backlog_bytes": await asyncio.to_thread(state.usage.backlog_bytes)}
 
 
 @router.get("/metrics", response_class=Response)

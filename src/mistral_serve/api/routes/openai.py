@@ -22,12 +22,17 @@ router = APIRouter()
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 503)}
 _CHAT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 503)}
+# one Server-Sent Event: its data is a chunk or, inside a failing stream, the error envelope; then [DONE]
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        ChatCompletionChunk.model_json_schema(), {"$ref": "#/components/schemas/ErrorResponse"}]}},
+    {"const": "[DONE]"}]}}}
 _CHAT_DOC = {
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}},
     "responses": {"200": {"content": {
         "application/json": {"schema": ChatCompletionResponse.model_json_schema()},
-        "text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()},
+        "text/event-stream": {"schema": _EVENT},
     }}},
 }
 
@@ -39,6 +44,7 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
     key's x-ratelimit-* headers; a key over its limits gets a 429."""
     meter = state.meter(key, body.model)
     try:
+        state.enter(meter)  # counted in flight until its usage row is recorded
         served = find_model(state.catalog, body.model)
         # tokenizing and compiling a grammar take milliseconds to a tenth of a second: off the event loop
         generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), meter)
@@ -48,14 +54,22 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
         meter.on_refused(error.status_code)
         raise
     headers = meter.admission.headers
-    if body.stream:
-        response = EventStreamResponse(chat.sse_events(generation))
-        response.headers.update(headers)
-        return response
+    chunks = None
     try:
-        completion = await until_disconnected(request, chat.complete(generation))
+        # queued until the engine takes it: a full queue or a queue timeout is a 503 before any byte is sent
+        chunks = await until_disconnected(request, chat.start(generation))
+        if body.stream:
+            response = EventStreamResponse(chat.sse_events(generation, chunks), source=chunks)
+            response.headers.update(headers)
+            return response
+        completion = await until_disconnected(request, chat.complete(generation, chunks))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
+    finally:
+        if chunks is not None and not body.stream:
+            await chunks.aclose()  # aborts the generation if complete() did not read it to the end
+        if chunks is None and not meter.is_ended:  # the client left before the engine saw the request
+            meter.on_end("aborted", CLIENT_CLOSED_REQUEST, 0, 0, 0, None)
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
 
