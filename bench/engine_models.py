@@ -169,9 +169,9 @@ def _named_tensors(module: nn.Module):
 
 # the settings
 
-def _load_demo(dtype: torch.dtype) -> tuple[Transformer, ChatTokenizer]:
+def _load_demo(dtype: torch.dtype, quantize: str | None = None) -> tuple[Transformer, ChatTokenizer]:
     path = find_demo_gguf()
-    return load_model(path, dtype=dtype, device="cpu"), load_tokenizer(path)
+    return load_model(path, dtype=dtype, device="cpu", quantize=quantize), load_tokenizer(path)
 
 
 def _random(config: ModelConfig, dtype: torch.dtype, quantize: str | None = None):
@@ -183,6 +183,8 @@ SETTINGS = {setting.name: setting for setting in [
                  lambda: _load_demo(torch.float32)),
     ModelSetting("demo-bf16", "demo checkpoint (SmolLM2-135M-Instruct GGUF), bfloat16", 128,
                  lambda: _load_demo(torch.bfloat16)),
+    ModelSetting("demo-int4", "demo checkpoint (SmolLM2-135M-Instruct GGUF), int4 weight-only, bfloat16", 128,
+                 lambda: _load_demo(torch.bfloat16, "int4")),
     ModelSetting("7b-bf16", "Mistral-7B-v0.3 shape, random weights, bfloat16", 8,
                  _random(MISTRAL_7B_V03, torch.bfloat16)),
     ModelSetting("7b-int8", "Mistral-7B-v0.3 shape, random weights, int8 weight-only (bfloat16 activations)", 8,

@@ -12,9 +12,8 @@ the machine with each other; one table gives every server's numbers as multiples
 
 The peers are built by `make peers` into .venv-peers (llama-server only when its build succeeded);
 a peer that is not there is skipped with a note. Every reply is made to run to --output-tokens:
-llama-server and the transformers baseline take `ignore_eos`, llama-cpp-python's server
-`min_tokens`, and mistral-serve (whose API has neither) a logit_bias of -100 on the end-of-sequence
-tokens that the GGUF file names.
+llama-server, the transformers baseline and mistral-serve take `ignore_eos`, llama-cpp-python's
+server `min_tokens`.
 
     python bench/peers.py                                 # demo model, concurrency 1 and 16
     python bench/peers.py --concurrency 1,4,16,64 --servers llama-server,mistral-serve
@@ -59,7 +58,6 @@ class Setup:
     threads: int
     workload: Workload
     work_dir: Path
-    eos_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,10 +68,6 @@ class Launch:
     api_key: str | None = None
     ready_path: str = "/v1/models"
     note: str = ""
-
-
-def _bans(setup: Setup) -> dict:
-    return {"logit_bias": {str(token_id): -100 for token_id in setup.eos_ids}}
 
 
 def launch_llama_cpp_python(setup: Setup, port: int) -> Launch | str:
@@ -108,17 +102,22 @@ def launch_transformers(setup: Setup, port: int) -> Launch | str:
 
 
 def launch_mistral_serve(setup: Setup, port: int) -> Launch | str:
+    import torch
+
+    from mistral_serve.engine.builder import resolve_dtype
+
     data_dir = setup.work_dir / "mistral-serve-data"
     model = "smollm2-135m-instruct"
+    dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # what the server picks
     return Launch([str(MISTRAL_SERVE), "serve", "--model", f"{model}={setup.gguf}", "--port", str(port),
-                   "--data-dir", str(data_dir)], model, _bans(setup), _create_key(data_dir), "/ready",
-                  note="continuous batching; the demo GGUF dequantized to float32")
+                   "--data-dir", str(data_dir)], model, {"ignore_eos": True}, _create_key(data_dir), "/ready",
+                  note=f"continuous batching; the GGUF dequantized to {dtype} (the default on this CPU)")
 
 
 def launch_random_7b(setup: Setup, port: int) -> Launch | str:
     data_dir = setup.work_dir / "random-7b-data"
     return Launch([sys.executable, str(Path(__file__).with_name("random_model_server.py")), "--port", str(port),
-                   "--data-dir", str(data_dir)], "mistralai/Mistral-7B-Instruct-v0.3", {"logit_bias": {"2": -100}},
+                   "--data-dir", str(data_dir)], "mistralai/Mistral-7B-Instruct-v0.3", {"ignore_eos": True},
                   _create_key(data_dir), "/ready", note="Mistral-7B-v0.3 shape, random weights, int8")
 
 
@@ -132,15 +131,6 @@ def _create_key(data_dir: Path) -> str:
     done = subprocess.run([str(MISTRAL_SERVE), "keys", "create", "--email", "bench@example.com", "--name", "bench",
                            "--data-dir", str(data_dir)], capture_output=True, text=True, check=True)
     return done.stdout.strip().splitlines()[-1]
-
-
-def eos_ids(gguf: Path) -> tuple[int, ...]:
-    """The token ids that end a reply, as the GGUF file names them."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf).fields
-    names = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-    return tuple(sorted({int(fields[name].parts[fields[name].data[0]][0]) for name in names if name in fields}))
 
 
 # one server at a time
@@ -237,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         from mistral_serve.model.loader import find_demo_gguf
         gguf = (args.gguf or find_demo_gguf()).resolve()
     work_dir = Path(tempfile.mkdtemp(prefix="bench-peers-"))
-    setup = Setup(gguf, args.threads, workload, work_dir, eos_ids(gguf) if gguf else ())
+    setup = Setup(gguf, args.threads, workload, work_dir)
     load_before = machine_load()
     servers, notes = [], {}
     for name in names:

@@ -6,14 +6,9 @@ import sys
 
 import pytest
 
-from peers import eos_ids
 from tests.bench.conftest import BENCH_DIR
 
 pytestmark = pytest.mark.demo
-
-
-def test_the_end_of_sequence_token_is_read_from_the_gguf_file(demo_path):
-    assert eos_ids(demo_path) == (2,)  # SmolLM2's <|im_end|>
 
 
 def test_peers_starts_benchmarks_and_stops_a_server(demo_path, tmp_path):
@@ -25,7 +20,7 @@ def test_peers_starts_benchmarks_and_stops_a_server(demo_path, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(output.read_text())
     [server] = report["servers"]
-    assert server["name"] == "mistral-serve" and server["extra_body"] == {"logit_bias": {"2": -100}}
+    assert server["name"] == "mistral-serve" and server["extra_body"] == {"ignore_eos": True}
     [level] = server["levels"]
     assert level["num_failures"] == 0 and level["total_output_tokens"] == 6 and level["peak_rss_mb"] > 0
     assert report["notes"]["gguf"] == demo_path.name

@@ -153,3 +153,37 @@ def test_a_row_the_database_refuses_is_set_aside_and_holds_back_no_other(db, key
     else:  # SQLite stores text of any length
         assert stored == [1, 2, 5]
     assert writer.backlog_bytes() == 0 and writer.is_database_reachable
+
+
+def test_a_row_whose_key_is_deleted_while_it_is_written_is_kept_without_the_link(db, keys, spool_dir):
+    """The key goes between the writer's look-up of the batch's keys and its insert (a dashboard
+    deleting it at that moment): the insert fails on the foreign key once, and the retry unlinks it."""
+    from mistral_serve.db import crud as real_crud
+
+    ann = keys[0]
+
+    class DeletingSessions:
+        """Deletes ann's key right after the writer's first look-up."""
+        is_deleted = False
+
+        def __call__(self):
+            session = db()
+            if not DeletingSessions.is_deleted:
+                original_scalars = session.scalars
+
+                def scalars(statement, *args, **kwargs):
+                    result = list(original_scalars(statement, *args, **kwargs))
+                    if not DeletingSessions.is_deleted and "api_keys" in str(statement):
+                        DeletingSessions.is_deleted = True
+                        with db() as other:
+                            real_crud.delete_key(other, real_crud.get_key(other, ann.id))
+                    return result
+                session.scalars = scalars
+            return session
+    writer = UsageWriter(DeletingSessions(), UsageSpool(spool_dir), flush_interval_s=60)
+    writer.start()
+    writer.record(record(ann, completion=7))
+    assert writer.flush(timeout=10)
+    writer.close()
+    with db() as session:
+        assert session.execute(select(Usage.key_id, Usage.completion_tokens)).all() == [(None, 7)]

@@ -132,8 +132,12 @@ class UsageSpool:
         # names sort by creation time, so rows reach the database roughly in order
         name = f"{time.time_ns():020d}-{os.getpid()}-{self._num_segments_opened}{SEGMENT_SUFFIX}"
         path = self.directory / name
-        file = path.open("x", encoding="utf-8")
+        # made under another name and locked before it is renamed into view: a writer listing the
+        # directory can never take (and remove) a new segment before its owner holds it
+        unlisted = path.with_name(name + ".new")
+        file = unlisted.open("x", encoding="utf-8")
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        os.rename(unlisted, path)
         self._active, self._active_path = file, path
 
 

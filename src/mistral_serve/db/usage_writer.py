@@ -135,13 +135,15 @@ class UsageWriter:
         self.is_database_reachable = True
         return True
 
-    def _write_or_set_aside(self, records: Sequence[UsageRecord]) -> None:
+    def _write_or_set_aside(self, records: Sequence[UsageRecord], is_retry: bool = False) -> None:
         try:
             with self.sessions() as session:
                 crud.record_usage_batch(session, records)
         except (OperationalError, InterfaceError):
             raise
         except SQLAlchemyError as error:
+            if not is_retry:  # a key deleted between the batch's look-up and its insert: the retry unlinks it
+                return self._write_or_set_aside(records, is_retry=True)
             if len(records) == 1:
                 self.spool.set_aside(records[0], str(error))
                 return
