@@ -43,16 +43,18 @@ def _wait_until_ready(process: subprocess.Popen, is_ready, name: str, log: Path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not is_ready():
         if process.poll() is not None or time.monotonic() > deadline:
-            _stop(process)
+            stop_process(process)
             raise ServiceFailed(f"{name} did not start:\n{_tail(log)}")
         time.sleep(0.05)
 
 
-def _stop(process: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
+def stop_process(process: subprocess.Popen, stop_signal: int = signal.SIGTERM,
+                 timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Signal the process to stop, and kill it if it has not within `timeout_s`."""
     if process.poll() is None:
         process.send_signal(stop_signal)
         try:
-            process.wait(STOP_TIMEOUT_S)
+            process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -148,7 +150,7 @@ class PostgresServer:
 
     def pause(self) -> None:
         """Stop the server, keeping its data: an outage, as clients see one."""
-        _stop(self.process, signal.SIGINT)  # PostgreSQL's fast shutdown: clients are disconnected
+        stop_process(self.process, signal.SIGINT)  # PostgreSQL's fast shutdown: clients are disconnected
         self.process = None
 
     def resume(self) -> None:
@@ -156,7 +158,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process, signal.SIGINT)
+            stop_process(self.process, signal.SIGINT)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -200,7 +202,7 @@ class RedisServer:
             raise RuntimeError(f"FLUSHALL failed: {reply!r}")
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -21,6 +21,7 @@ import httpx
 import mistral_common
 
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
+from tests.services import stop_process
 
 V3_MODEL_ID = "mistralai/Mistral-7B-Instruct-v0.3"
 V3_VOCAB_SIZE = 32768
@@ -62,15 +63,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _environment(hf_cache: Path, settings: dict[str, str]) -> dict[str, str]:
+def _environment(hf_cache: Path | None, settings: dict[str, str]) -> dict[str, str]:
     environ = {name: value for name, value in os.environ.items() if not name.startswith("MISTRAL_SERVE_")}
-    environ.update(HF_HUB_CACHE=str(hf_cache), HF_HUB_OFFLINE="1")
+    if hf_cache is not None:
+        environ.update(HF_HUB_CACHE=str(hf_cache), HF_HUB_OFFLINE="1")
     environ.update({f"MISTRAL_SERVE_{name.upper()}": value for name, value in settings.items()})
     return environ
 
 
-def create_key(data_dir: Path, environ: dict[str, str]) -> str:
-    done = subprocess.run([CLI, "keys", "create", "--email", "e2e@example.com", "--name", "e2e",
+def create_key(data_dir: Path, environ: dict[str, str] | None = None, *flags: str, email: str = "e2e@example.com",
+               name: str = "e2e") -> str:
+    """`mistral-serve keys create … *flags` as a user runs it; the raw key it prints. `environ`: the
+    command's environment (default: this one without MISTRAL_SERVE_* variables)."""
+    environ = environ if environ is not None else _environment(None, {})
+    done = subprocess.run([CLI, "keys", "create", "--email", email, "--name", name, *flags,
                            "--data-dir", str(data_dir)], capture_output=True, text=True, env=environ, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1]
@@ -99,12 +105,7 @@ def mistral_serve(work_dir: Path, *serve_args: str, hf_cache: Path | None = None
         _wait_until_ready(url, process, log_path)
         yield LiveServer(url, key, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=30)
         log.close()
 
 

@@ -1,7 +1,5 @@
 """API keys over HTTP: who gets in, who gets a 401, and what the database keeps."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from mistral_serve.db.models import Base
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key
+from tests.api.servers import create_key
 from tests.conftest import DATABASE_BACKENDS
 
 API_DB_BACKENDS = DATABASE_BACKENDS
@@ -122,11 +121,7 @@ def test_a_key_made_on_the_command_line_is_the_one_the_server_checks(tmp_path, m
     """`mistral-serve keys create` in a subprocess; its last line, as a Bearer key, against an app on
     the same settings."""
     settings = Settings(data_dir=tmp_path / "data")
-    command = [str(Path(sys.executable).with_name("mistral-serve")), "keys", "create",
-               "--email", "cli@example.com", "--name", "from the command line", "--data-dir", str(settings.data_dir)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    raw_key = done.stdout.strip().splitlines()[-1]
+    raw_key = create_key(settings.data_dir, email="cli@example.com", name="from the command line")
     assert raw_key.startswith("msk-")
 
     db = open_database(settings)  # as `mistral-serve serve` opens it

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 import sqlite3
-import subprocess
 import time
 
 import httpx
-import pytest
 
 from tests.api.conftest import bearer, chat
-from tests.api.servers import CLI, V3_MODEL_ID, LiveServer, mistral_serve
+from tests.api.servers import V3_MODEL_ID, LiveServer, create_key, mistral_serve
 
 MODEL_ARGS = ("--kv-cache-memory-mb", "64")
 
@@ -90,14 +88,6 @@ def test_a_server_killed_mid_stream_loses_no_finished_row_and_leaves_the_databas
             assert secret not in path.read_bytes() and secret[4:] not in path.read_bytes(), path.name
 
 
-def limited_key(data_dir: Path, requests_per_minute: int) -> str:
-    done = subprocess.run([CLI, "keys", "create", "--email", "replicas@example.com", "--name", "limited",
-                           "--rpm", str(requests_per_minute), "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
-
-
 def away_from_window_end(window_s: int, margin_s: float = 15) -> None:
     """Fixed windows (per minute, per 15 minutes) are aligned to the clock: start well inside one."""
     left = window_s - time.time() % window_s
@@ -107,7 +97,7 @@ def away_from_window_end(window_s: int, margin_s: float = 15) -> None:
 
 def test_two_server_processes_sharing_one_redis_enforce_one_limit_and_one_login_brake(
         tmp_path, tiny_v3, empty_redis_url):
-    key = limited_key(tmp_path / "data", requests_per_minute=3)
+    key = create_key(tmp_path / "data", None, "--rpm", "3", email="replicas@example.com", name="limited")
     shared = {"settings": {"redis_url": empty_redis_url}, "key": key}
     with mistral_serve(tmp_path, *model_args(tiny_v3), log_name="first.log", **shared) as first, \
             mistral_serve(tmp_path, *model_args(tiny_v3), log_name="second.log", **shared) as second:
@@ -129,12 +119,3 @@ def test_two_server_processes_sharing_one_redis_enforce_one_limit_and_one_login_
         braked = httpx.post(second.url + "/api/account/login", json=account, timeout=30)
         assert braked.status_code == 429 and braked.json()["error"]["code"] == "too_many_attempts"
         assert 0 < int(braked.headers["retry-after"]) <= 15 * 60
-
-
-@pytest.fixture(autouse=True)
-def no_stray_server_variables(monkeypatch):
-    """The CLI calls above see no MISTRAL_SERVE_* setting of the environment running the tests."""
-    import os
-
-    for name in [name for name in os.environ if name.startswith("MISTRAL_SERVE_")]:
-        monkeypatch.delenv(name)

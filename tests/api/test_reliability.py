@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import subprocess
 import time
 
 import httpx
@@ -17,7 +16,7 @@ from sqlalchemy import create_engine, text
 from mistral_serve.catalog import DEMO_MODEL_ID
 from tests.api.conftest import bearer, chat
 from tests.api.load import Outcome, metric, percentile, stream_chat
-from tests.api.servers import CLI, V3_MODEL_ID, mistral_serve
+from tests.api.servers import V3_MODEL_ID, create_key, mistral_serve
 
 DEMO_ARGS = ("--model", f"{DEMO_MODEL_ID}=demo")
 NUM_POLITE_KEYS = 8
@@ -36,15 +35,8 @@ NUM_TOKENS = 8
 FIXED = demo_chat(max_tokens=NUM_TOKENS, ignore_eos=True, temperature=0)  # exactly 8 tokens, however it goes
 
 
-def make_keys(data_dir, environ_settings: dict[str, str] | None = None, count: int = 1,
-              email: str = "load@example.com") -> list[str]:
-    keys = []
-    for index in range(count):
-        done = subprocess.run([CLI, "keys", "create", "--email", email, "--name", f"k{index}",
-                               "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        keys.append(done.stdout.strip().splitlines()[-1])
-    return keys
+def make_keys(data_dir, count: int) -> list[str]:
+    return [create_key(data_dir, email="load@example.com", name=f"k{index}") for index in range(count)]
 
 
 def wait_for_zero(url: str, timeout_s: float) -> tuple[float, float]:
