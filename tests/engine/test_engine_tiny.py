@@ -93,18 +93,106 @@ def test_text_deltas_add_up_to_the_decoded_output_and_abort_frees_blocks(model):
     assert engine.num_kv_blocks_used == 0 and not engine.has_unfinished_requests()
 
 
-def test_a_failing_step_fails_only_its_requests_and_the_engine_keeps_going(model):
-    from mistral_serve.engine.engine import StepError
+class FaultyModel:
+    """The model, except that a run fails whenever its batch holds the poison token, or once when
+    told to (a fault that does not recur)."""
 
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
-    engine.add_request("doomed", prompts(1)[0], SamplingParams(temperature=0, max_tokens=4))
-    original = engine.runner.run
-    engine.runner.run = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
-    with pytest.raises(StepError) as error:
-        engine.step()
-    assert error.value.request_ids == {"doomed"}
+    POISON = 0  # the end-of-sequence byte: prompts() never draws it
+
+    def __init__(self, model, poison: int = POISON):
+        self.model, self.poison, self.fail_once = model, poison, False
+
+    def __call__(self, token_ids, *args):
+        if self.fail_once or (token_ids == self.poison).any():
+            self.fail_once = False
+            raise RuntimeError("the model run failed")
+        return self.model(token_ids, *args)
+
+
+def faulty_engine(model):
+    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
+    engine.runner.model = FaultyModel(engine.runner.model)
+    return engine
+
+
+def healthy_requests():
+    return [("greedy", prompts(3)[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)),
+            ("seeded", prompts(3)[1], SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)),
+            ("penalized", prompts(3)[2], SamplingParams(temperature=0, frequency_penalty=1.5, max_tokens=12,
+                                                        ignore_eos=True))]
+
+
+def test_a_request_that_breaks_the_model_run_fails_alone_and_the_others_go_on_unchanged(model):
+    expected, _, _ = run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)),
+                         healthy_requests())
+    engine = faulty_engine(model)
+    for request_id, prompt, params in healthy_requests():
+        engine.add_request(request_id, prompt, params)
+    got = {request_id: [] for request_id in expected}
+    for _ in range(3):  # under way when the bad request joins their batch
+        for delta in engine.step():
+            got[delta.request_id] += delta.token_ids
+    engine.add_request("poisoned", [FaultyModel.POISON, *prompts(1)[0]], SamplingParams(max_tokens=12))
+    errors = {}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            if delta.error is not None:
+                errors[delta.request_id] = (delta.error, delta.finish_reason, delta.is_request_finished)
+            else:
+                got[delta.request_id] += delta.token_ids
+    assert set(errors) == {"poisoned"}
+    error, reason, is_finished = errors["poisoned"]
+    assert "model run failed" in str(error) and reason == "abort" and is_finished
+    assert got == expected
     assert engine.num_kv_blocks_used == 0
-    engine.runner.run = original
+
+
+def test_a_fault_that_does_not_recur_fails_nobody(model):
+    expected, _, _ = run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)),
+                         healthy_requests())
+    engine = faulty_engine(model)
+    for request_id, prompt, params in healthy_requests():
+        engine.add_request(request_id, prompt, params)
+    got = {delta.request_id: list(delta.token_ids) for delta in engine.step()}
+    engine.runner.model.fail_once = True  # the next batch fails, and each request alone does not
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            assert delta.error is None
+            got[delta.request_id] += delta.token_ids
+    assert got == expected
+
+
+def test_a_sampling_fault_leaves_a_seeded_request_drawing_what_it_would_have_drawn(model):
+    expected, _, _ = run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)),
+                         healthy_requests())
+    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
+    sample = engine.runner.sampler
+
+    def sample_then_fail_on_a_marked_row(logits, rows, *args):
+        tokens = sample(logits, rows, *args)  # the seeded row's generator has drawn by now
+        if any(row.logit_bias.get(1) == -7.0 for row in rows):
+            raise RuntimeError("sampling failed")
+        return tokens
+    engine.runner.sampler = sample_then_fail_on_a_marked_row
+    for request_id, prompt, params in healthy_requests():
+        engine.add_request(request_id, prompt, params)
+    engine.add_request("marked", prompts(1)[0], SamplingParams(max_tokens=12, logit_bias={1: -7.0}))
+    got = {request_id: [] for request_id in expected}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            if delta.request_id == "marked":
+                assert delta.error is not None
+            else:
+                got[delta.request_id] += delta.token_ids
+    assert got == expected
+
+
+def test_the_only_request_of_a_failing_run_fails_and_the_engine_keeps_going(model):
+    engine = faulty_engine(model)
+    engine.add_request("doomed", [FaultyModel.POISON, *prompts(1)[0]], SamplingParams(temperature=0, max_tokens=4))
+    [delta] = engine.step()
+    assert delta.request_id == "doomed" and delta.error is not None and delta.is_request_finished
+    assert engine.num_kv_blocks_used == 0 and not engine.has_unfinished_requests()
     tokens, _, reasons = run(engine, [("fine", prompts(1)[0], SamplingParams(temperature=0, max_tokens=4))])
     assert len(tokens["fine"]) == 4
 

@@ -90,7 +90,8 @@ def _is_branch_name(part) -> bool:
 
 
 def install(app: FastAPI) -> None:
-    """Every error the app can raise becomes the envelope, with its status."""
+    """Every error the app raises on purpose becomes the envelope, with its status (an unexpected one
+    becomes a 500 in middleware.UnexpectedErrors)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -106,7 +107,3 @@ def install(app: FastAPI) -> None:
         code = "request_too_large" if error.status_code == 413 else None
         return await api_error(request, APIError(error.status_code, message, code=code, headers=error.headers))
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        return await api_error(request, APIError(500, "The server had an error while processing your request.",
-                                                 type="server_error"))

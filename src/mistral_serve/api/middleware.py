@@ -1,9 +1,11 @@
-"""What every request passes through before its route: a bound on the body's size, and headers that
-tell a browser not to guess content types. Plain ASGI, so streams pass through untouched."""
+"""What every request passes through before its route: a bound on the body's size, headers that
+tell a browser not to guess content types, and a last catch that turns an unexpected error into the
+500 envelope. Plain ASGI, so streams pass through untouched."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -13,6 +15,9 @@ from mistral_serve.api.deps import MAX_BODY_BYTES
 from mistral_serve.api.errors import APIError
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request."
+
+logger = logging.getLogger(__name__)
 
 
 class BodyTooLarge(HTTPException):
@@ -70,14 +75,43 @@ class NoSniff:
         await self.app(scope, receive, send_with_header)
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+class UnexpectedErrors:
+    """An error no route handled (a bug, a failed model run) becomes the 500 envelope, and its
+    traceback goes to the log. Starlette's own last handler would answer too, but then re-raises, and
+    the server drops the connection: a client reusing it would see its next request cut."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        is_started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal is_started
+            is_started = is_started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            if is_started:  # part of the reply is out: only closing the connection can tell the client
+                raise
+            error = APIError(500, SERVER_ERROR_MESSAGE, type="server_error")
+            await _send_json(send, error.status_code, error.body(), keep_alive=True)
+
+
+async def _send_json(send: Send, status: int, body: dict, *, keep_alive: bool = False) -> None:
     content = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-                            (b"connection", b"close"), NOSNIFF]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()), NOSNIFF]
+    if not keep_alive:  # the body may not have been read: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})
 
 
 def install(app: FastAPI) -> None:
+    app.add_middleware(UnexpectedErrors)  # the innermost of these: errors from routes and their handlers
     app.add_middleware(BodySizeLimit)
     app.add_middleware(NoSniff)  # the outermost: the 413 above gets it too

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 
-from mistral_serve.engine.engine import CompletionDelta, LLMEngine, StepError
+from mistral_serve.engine.engine import CompletionDelta, LLMEngine
 from mistral_serve.engine.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -180,14 +180,7 @@ class AsyncEngine:
             return False
         self.idle.clear()
         self._update_queue()
-        try:
-            deltas = self.engine.step()
-        except StepError as error:
-            logger.exception("engine step failed for %d request(s)", len(error.request_ids))
-            for request_id in error.request_ids:
-                self._close(request_id, error.cause)
-            return False
-        self._publish(deltas)
+        self._publish(self.engine.step())
         return False
 
     def _apply_inbox(self) -> None:
@@ -225,6 +218,9 @@ class AsyncEngine:
 
     def _publish(self, deltas: list[CompletionDelta]) -> None:
         for delta in deltas:
+            if delta.error is not None:  # the model run failed for this request alone
+                self._close(delta.request_id, delta.error)
+                continue
             stream = self._streams.get(delta.request_id)
             if stream is not None:
                 stream.put(delta)

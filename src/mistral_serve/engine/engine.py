@@ -13,7 +13,7 @@ from mistral_serve.engine.block_manager import BlockManager
 from mistral_serve.engine.guided import GrammarCompilerCache
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
-from mistral_serve.engine.scheduler import Scheduler
+from mistral_serve.engine.scheduler import ScheduledSequence, Scheduler
 from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from mistral_serve.engine.text_stream import TextStream
 from mistral_serve.model.mistral import Transformer
@@ -62,15 +62,7 @@ class CompletionDelta:
     num_cached_tokens: int
     num_output_tokens: int  # so far, for this choice
     is_request_finished: bool = False  # every choice of the request has finished
-
-
-class StepError(RuntimeError):
-    """A step failed; the requests it ran have been aborted and are named here."""
-
-    def __init__(self, request_ids: set[str], cause: BaseException):
-        super().__init__(f"engine step failed: {cause!r}")
-        self.request_ids = request_ids
-        self.cause = cause
+    error: BaseException | None = None  # set on the final deltas of a request the model run failed
 
 
 @dataclass
@@ -175,17 +167,42 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         try:
             sampled = self.runner.run(batch)
-        except Exception as error:  # fail only the requests in this step; the engine stays up
-            failed = {item.seq.request_id for item in batch}
-            for request_id in failed:
-                self.abort_request(request_id)
-            raise StepError(failed, error) from error
+            failures = {}
+        except Exception as error:
+            sampled, failures = self._run_apart(batch, error)
+        failed = [replace(delta, error=error) for request_id, error in failures.items()
+                  for delta in self.abort_request(request_id)]
         self.scheduler.postprocess(batch, [s.token_id if s else None for s in sampled])
-        deltas = []
-        for item, token in zip(batch, sampled):
-            if token is not None and item.seq.request_id in self.requests:
-                deltas.append(self._on_token(item.seq, token))
-        return self._mark_finished_requests(deltas)
+        deltas = [self._on_token(item.seq, token) for item, token in zip(batch, sampled)
+                  if token is not None and item.seq.request_id in self.requests]
+        return failed + self._mark_finished_requests(deltas)
+
+    def _run_apart(self, batch: list[ScheduledSequence], batch_error: Exception
+                   ) -> tuple[list[SampledToken | None], dict[str, Exception]]:
+        """The model run failed for the whole batch: run each request's part of it alone, so that
+        only a request that fails by itself is failed and the others go on. Re-running is safe: it
+        writes the same KV slots again, and a failed run restores the sampling state it touched.
+        Returns the batch's sampled tokens and each failed request's error."""
+        parts: dict[str, list[int]] = {}
+        for i, item in enumerate(batch):
+            parts.setdefault(item.seq.request_id, []).append(i)
+        sampled: list[SampledToken | None] = [None] * len(batch)
+        if len(parts) == 1:
+            logger.error("the model run failed for request %s", *parts, exc_info=batch_error)
+            return sampled, {request_id: batch_error for request_id in parts}
+        logger.warning("the model run failed for a batch of %d requests (%r); running them one by one",
+                       len(parts), batch_error)
+        failures = {}
+        for request_id, indices in parts.items():
+            try:
+                tokens = self.runner.run([batch[i] for i in indices])
+            except Exception as error:
+                logger.error("the model run failed for request %s", request_id, exc_info=error)
+                failures[request_id] = error
+                continue
+            for i, token in zip(indices, tokens):
+                sampled[i] = token
+        return sampled, failures
 
     def _mark_finished_requests(self, deltas: list[CompletionDelta]) -> list[CompletionDelta]:
         """Flag the last delta of each request that is now over, and forget that request."""

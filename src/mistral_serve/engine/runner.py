@@ -57,12 +57,24 @@ class ModelRunner:
         token_ids, positions, meta, logits_indices = self.prepare_inputs(items)
         logits = self.model(token_ids, positions, self.kv_caches, meta, logits_indices)
         sampling_seqs = [item.seq for item in items if item.samples_token]
-        sampled = iter(self._sample(logits, sampling_seqs) if sampling_seqs else [])
+        sampled = iter(self._sample_or_restore(logits, sampling_seqs) if sampling_seqs else [])
         results_in_order = [next(sampled) if item.samples_token else None for item in items]
         results: list[SampledToken | None] = [None] * len(batch)
         for position, index in enumerate(order):
             results[index] = results_in_order[position]
         return results
+
+    def _sample_or_restore(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        """Sample; if that fails, leave the seeded generators as they were, so that running the
+        same sequences again (the engine does, to find which one failed) draws the same tokens."""
+        saved = [(generator, generator.get_state()) for seq in seqs
+                 if (generator := self._generator(seq)) is not None]
+        try:
+            return self._sample(logits, seqs)
+        except Exception:
+            for generator, state in saved:
+                generator.set_state(state)
+            raise
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         rows = [self._sampling_row(seq) for seq in seqs]
@@ -74,9 +86,13 @@ class ModelRunner:
         for i, matcher in constrained:
             matcher.fill_next_token_bitmask(token_bitmask, i)
         tokens = self.sampler(logits, rows, token_bitmask)
+        accepted = []
         for i, matcher in constrained:
             if not matcher.accept_token(tokens[i].token_id):
+                for earlier in accepted:  # all or nothing: the step is not over for any of them
+                    earlier.rollback(1)
                 raise RuntimeError(f"the grammar rejected token {tokens[i].token_id} that its own mask allowed")
+            accepted.append(matcher)
         return tokens
 
     def prepare_inputs(self, items: list[ScheduledSequence]):
