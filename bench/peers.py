@@ -8,7 +8,8 @@ the machine with each other; one table gives every server's numbers as multiples
                     with the default, a new request cuts the running stream short)
   llama-server      llama.cpp's own server, with parallel slots (continuous batching)
   transformers      transformers' `generate` behind a minimal endpoint: one request at a time
-  mistral-serve     ours
+  mistral-serve     ours, the GGUF dequantized to bfloat16 (float32 on CPUs without it)
+  mistral-serve-int4  ours with `--quantize int4`: the GGUF's weights requantized to grouped int4
 
 The peers are built by `make peers` into .venv-peers (llama-server only when its build succeeded);
 a peer that is not there is skipped with a note. Every reply is made to run to --output-tokens:
@@ -46,7 +47,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 PEERS_VENV = REPOSITORY / ".venv-peers"
 LLAMA_SERVER = PEERS_VENV / "bin" / "llama-server"
 MISTRAL_SERVE = Path(sys.executable).with_name("mistral-serve")
-PEER_NAMES = ("llama-cpp-python", "llama-server", "transformers", "mistral-serve")
+PEER_NAMES = ("llama-cpp-python", "llama-server", "transformers", "mistral-serve", "mistral-serve-int4")
 READY_TIMEOUT_S = 900  # the 7B random model takes minutes to build on a small machine
 
 
@@ -101,17 +102,23 @@ def launch_transformers(setup: Setup, port: int) -> Launch | str:
                   "demo", {"ignore_eos": True}, note="one request at a time; weights dequantized to float32")
 
 
-def launch_mistral_serve(setup: Setup, port: int) -> Launch | str:
+def launch_mistral_serve(setup: Setup, port: int, quantize: str | None = None) -> Launch | str:
     import torch
 
     from mistral_serve.engine.builder import resolve_dtype
 
-    data_dir = setup.work_dir / "mistral-serve-data"
+    data_dir = setup.work_dir / f"mistral-serve-{quantize or 'data'}"
     model = "smollm2-135m-instruct"
     dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # what the server picks
+    # its own HTTP server needs a core too: the model gets the others (what it picks by itself)
+    engine_threads = max(1, setup.threads - 1)
+    weights = (f"the GGUF's weights requantized to {quantize} (`--quantize {quantize}`), {dtype} activations"
+               if quantize else f"the GGUF dequantized to {dtype} (the default on this CPU)")
     return Launch([str(MISTRAL_SERVE), "serve", "--model", f"{model}={setup.gguf}", "--port", str(port),
-                   "--data-dir", str(data_dir)], model, {"ignore_eos": True}, _create_key(data_dir), "/ready",
-                  note=f"continuous batching; the GGUF dequantized to {dtype} (the default on this CPU)")
+                   "--data-dir", str(data_dir), "--threads", str(engine_threads),
+                   *(["--quantize", quantize] if quantize else [])],
+                  model, {"ignore_eos": True}, _create_key(data_dir), "/ready",
+                  note=f"continuous batching; {weights}; {engine_threads} model thread(s) + the HTTP server")
 
 
 def launch_random_7b(setup: Setup, port: int) -> Launch | str:
@@ -124,6 +131,7 @@ def launch_random_7b(setup: Setup, port: int) -> Launch | str:
 LAUNCHERS: dict[str, Callable[[Setup, int], Launch | str]] = {
     "llama-cpp-python": launch_llama_cpp_python, "llama-server": launch_llama_server,
     "transformers": launch_transformers, "mistral-serve": launch_mistral_serve,
+    "mistral-serve-int4": lambda setup, port: launch_mistral_serve(setup, port, quantize="int4"),
     "mistral-serve-7b-int8": launch_random_7b}
 
 

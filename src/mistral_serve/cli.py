@@ -24,6 +24,8 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load time (int4: CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for the model (default: $OMP_NUM_THREADS, else "
+                                                    "the cores less one, which the HTTP server keeps)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="memory for the paged KV cache")
     parser.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most")
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step at most")
@@ -38,7 +40,7 @@ def storage_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    names = ("model", "allow_download", "device", "dtype", "quantize", "kv_cache_memory_mb", "max_num_seqs",
+    names = ("model", "allow_download", "device", "dtype", "quantize", "threads", "kv_cache_memory_mb", "max_num_seqs",
              "max_num_batched_tokens", "max_model_len", "seed", "host", "port", "data_dir", "database_url",
              "redis_url", "max_queued_requests", "max_queued_prompt_tokens", "queue_timeout_s",
              "max_concurrent_requests_per_key", "shutdown_timeout_s", "database_outage_grace_s",
@@ -107,9 +109,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from mistral_serve.api.server import ABORT_GRACE_S, GracefulServer
     from mistral_serve.catalog import card_for, default_model_specs, parse_model_spec
     from mistral_serve.engine.async_engine import AsyncEngine
-    from mistral_serve.engine.builder import build_engine
+    import torch
+
+    from mistral_serve.engine.builder import build_engine, resolve_threads
 
     settings = settings_from(args)
+    torch.set_num_threads(resolve_threads(settings.threads, shares_with_server=True))
     db = open_database(settings)
     specs = [parse_model_spec(spec) for spec in args.models] or default_model_specs()
     engines = {}
@@ -129,10 +134,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from mistral_serve.engine.builder import build_engine
+    import torch
+
+    from mistral_serve.engine.builder import build_engine, resolve_threads
     from mistral_serve.engine.params import SamplingParams
 
     settings = settings_from(args)
+    torch.set_num_threads(resolve_threads(settings.threads, shares_with_server=False))
     engine = build_engine(settings)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.message})

@@ -31,6 +31,7 @@ class Settings:
     device: str = "auto"  # "auto": CUDA when there, else CPU
     dtype: str = "auto"  # "auto": bfloat16 on CUDA and CPUs with native bfloat16, else float32
     quantize: str | None = None  # None, "int8" or "int4" (CPU)
+    threads: int | None = None  # CPU threads of the engine; None: the cores, less one for the HTTP server
     kv_cache_memory_mb: int = 1024
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -53,6 +54,8 @@ class Settings:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
         if self.kv_cache_memory_mb < 1:
             raise ValueError("kv_cache_memory_mb must be at least 1")
         for name in ("max_queued_requests", "max_queued_prompt_tokens", "max_concurrent_requests_per_key",

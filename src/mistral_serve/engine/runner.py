@@ -17,6 +17,7 @@ from mistral_serve.engine.token_counts import TokenCounts
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.fused import fuse_projections
 from mistral_serve.model.packed import pack_linears
 from mistral_serve.model.sampler import SampledToken, Sampler, SamplingRow
 
@@ -36,7 +37,8 @@ class ModelRunner:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = model.embed_tokens.weight.dtype
-        pack_linears(model)  # the runner is the model's only user from here on
+        fuse_projections(model)  # the runner is the model's only user from here on
+        pack_linears(model)
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))

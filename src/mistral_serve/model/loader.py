@@ -257,7 +257,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     dtype: of every floating-point weight, norms included.  quantize="int8": weight-only int8
     for the decoder's linear layers and an untied lm_head, quantized tensor by tensor while
     loading, so the float weights never all exist at once.  quantize="int4": the same layers in
-    grouped int4 (CPU only).
+    grouped int4 (CPU only), a tied lm_head included (as an int4 copy of the embedding).
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {dtype}")
@@ -278,6 +278,13 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         quantized = swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
     elif quantize == "int4":
         quantized = swap_linears_for_int4(model, dtype=dtype, exclude=exclude)
+    # a tied output layer reads the whole embedding every step: under int4 it gets an int4 copy of its
+    # own (a third of a decode step of a small model goes there otherwise), while the embedding stays
+    # in `dtype` for its look-ups. Not under int8: torch's int8 kernel is no faster than bfloat16 for
+    # a layer this wide and slower for several rows.
+    quantizes_tied_head = quantize == "int4" and config.tie_word_embeddings
+    if quantizes_tied_head:
+        swap_linears_for_int4(model, dtype=dtype)  # the one float linear layer left
 
     state = {}
     for name, entry in entries.items():
@@ -288,7 +295,10 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
             state[name], state[f"{module_name}.scales_and_zeros"] = quantize_int4(entry.load(), scales_dtype=dtype)
         else:
             state[name] = entry.load().to(dtype).to(device)  # no copy when the file already matches
-    if config.tie_word_embeddings:
+    if quantizes_tied_head:
+        state["lm_head.weight"], state["lm_head.scales_and_zeros"] = quantize_int4(
+            state["embed_tokens.weight"], scales_dtype=dtype)
+    elif config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
