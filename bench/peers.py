@@ -110,15 +110,13 @@ def launch_mistral_serve(setup: Setup, port: int, quantize: str | None = None) -
     data_dir = setup.work_dir / f"mistral-serve-{quantize or 'data'}"
     model = "smollm2-135m-instruct"
     dtype = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # what the server picks
-    # its own HTTP server needs a core too: the model gets the others (what it picks by itself)
-    engine_threads = max(1, setup.threads - 1)
     weights = (f"the GGUF's weights requantized to {quantize} (`--quantize {quantize}`), {dtype} activations"
                if quantize else f"the GGUF dequantized to {dtype} (the default on this CPU)")
     return Launch([str(MISTRAL_SERVE), "serve", "--model", f"{model}={setup.gguf}", "--port", str(port),
-                   "--data-dir", str(data_dir), "--threads", str(engine_threads),
+                   "--data-dir", str(data_dir), "--threads", str(setup.threads),
                    *(["--quantize", quantize] if quantize else [])],
                   model, {"ignore_eos": True}, _create_key(data_dir), "/ready",
-                  note=f"continuous batching; {weights}; {engine_threads} model thread(s) + the HTTP server")
+                  note=f"continuous batching; {weights}")
 
 
 def launch_random_7b(setup: Setup, port: int) -> Launch | str:

@@ -12,6 +12,7 @@ noise; their speed and memory are not.
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,9 +50,13 @@ def main() -> None:
                               # a 7B prefill on a small CPU keeps later requests waiting for minutes: the
                               # benchmark wants them all served, not refused as overload
                               "queue_timeout_s": 3600.0})
-    model = build_random_model(SHAPES[args.shape], torch.bfloat16, quantize)
-    engine = LLMEngine(model, MistralCommonTokenizer.from_file(V3_TOKENIZER), engine_config(settings))
-    app = create_app(settings, {MODEL_ID: AsyncEngine(engine)}, open_database(settings))
+    engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # as `serve` does
+
+    def build() -> LLMEngine:
+        model = build_random_model(SHAPES[args.shape], torch.bfloat16, quantize)
+        return LLMEngine(model, MistralCommonTokenizer.from_file(V3_TOKENIZER), engine_config(settings))
+    engine = engine_thread.submit(build).result()
+    app = create_app(settings, {MODEL_ID: AsyncEngine(engine, runs_on=engine_thread)}, open_database(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -34,15 +34,12 @@ def test_a_checkpoint_that_cannot_be_loaded_is_one_clear_error_and_exit_code_2(t
     assert last_line.startswith("mistral-serve: error: ") and str(checkpoint) in last_line
 
 
-def test_the_engine_leaves_a_core_to_the_http_server_unless_told_otherwise(monkeypatch):
+def test_the_engine_takes_every_core_unless_told_otherwise(monkeypatch):
     from mistral_serve.engine import builder
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(builder, "available_cores", lambda: 8)
-    assert builder.resolve_threads(None, shares_with_server=True) == 7
-    assert builder.resolve_threads(None, shares_with_server=False) == 8
-    assert builder.resolve_threads(3, shares_with_server=True) == 3
-    monkeypatch.setattr(builder, "available_cores", lambda: 1)
-    assert builder.resolve_threads(None, shares_with_server=True) == 1
+    assert builder.resolve_threads(None) == 8
+    assert builder.resolve_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert builder.resolve_threads(None, shares_with_server=True) == 2
+    assert builder.resolve_threads(None) == 2

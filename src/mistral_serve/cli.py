@@ -25,7 +25,7 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load time (int4: CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads for the model (default: $OMP_NUM_THREADS, else "
-                                                    "the cores less one, which the HTTP server keeps)")
+                                                    "every core)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="memory for the paged KV cache")
     parser.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most")
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step at most")
@@ -109,12 +109,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from mistral_serve.api.server import ABORT_GRACE_S, GracefulServer
     from mistral_serve.catalog import card_for, default_model_specs, parse_model_spec
     from mistral_serve.engine.async_engine import AsyncEngine
-    import torch
-
-    from mistral_serve.engine.builder import build_engine, resolve_threads
+    from mistral_serve.engine.builder import build_engine_on_its_thread, resolve_threads
 
     settings = settings_from(args)
-    torch.set_num_threads(resolve_threads(settings.threads, shares_with_server=True))
+    num_threads = resolve_threads(settings.threads)
     db = open_database(settings)
     specs = [parse_model_spec(spec) for spec in args.models] or default_model_specs()
     engines = {}
@@ -125,7 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # a known model is served up to its documented context, never beyond
         max_model_len = settings.max_model_len or card_for(model_id).context_length
         model_settings = replace(settings, model=source, max_model_len=max_model_len)
-        engines[model_id] = AsyncEngine(build_engine(model_settings))
+        engine, engine_thread = build_engine_on_its_thread(model_settings, num_threads)
+        engines[model_id] = AsyncEngine(engine, runs_on=engine_thread)
     app = create_app(settings, engines, db)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=ABORT_GRACE_S)
@@ -140,7 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from mistral_serve.engine.params import SamplingParams
 
     settings = settings_from(args)
-    torch.set_num_threads(resolve_threads(settings.threads, shares_with_server=False))
+    torch.set_num_threads(resolve_threads(settings.threads))
     engine = build_engine(settings)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.message})

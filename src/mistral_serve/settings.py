@@ -31,7 +31,7 @@ class Settings:
     device: str = "auto"  # "auto": CUDA when there, else CPU
     dtype: str = "auto"  # "auto": bfloat16 on CUDA and CPUs with native bfloat16, else float32
     quantize: str | None = None  # None, "int8" or "int4" (CPU)
-    threads: int | None = None  # CPU threads of the engine; None: the cores, less one for the HTTP server
+    threads: int | None = None  # CPU threads of the engine; None: $OMP_NUM_THREADS, else every core
     kv_cache_memory_mb: int = 1024
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512

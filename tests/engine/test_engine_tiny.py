@@ -221,3 +221,31 @@ def test_every_choice_of_an_n_request_streams_to_its_end_through_the_async_engin
     # the three choices finish in the same step: each must still deliver its last token
     assert counts == {0: 5, 1: 5, 2: 5}
     assert reasons == {0: "length", 1: "length", 2: "length"}
+
+
+def test_the_async_engine_runs_its_loop_on_the_thread_that_loaded_the_model_and_restarts_there(model):
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    from mistral_serve.engine.async_engine import AsyncEngine
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    loading_thread = executor.submit(threading.get_ident).result()
+    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
+    stepping_threads = set()
+    step = engine.step
+    engine.step = lambda: stepping_threads.add(threading.get_ident()) or step()
+    runner = AsyncEngine(engine, runs_on=executor)
+
+    async def generate():
+        return [delta async for delta in runner.generate(prompts(1)[0], SamplingParams(temperature=0, max_tokens=3,
+                                                                                        ignore_eos=True))]
+    try:
+        for _ in range(2):  # a stopped engine starts again on the same thread
+            runner.start()
+            assert sum(len(delta.token_ids) for delta in asyncio.run(generate())) == 3
+            runner.shutdown()
+    finally:
+        executor.shutdown()
+    assert stepping_threads == {loading_thread}

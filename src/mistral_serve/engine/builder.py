@@ -3,6 +3,7 @@ checkpoint."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import os
 
 import torch
@@ -42,17 +43,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def resolve_threads(requested: int | None, *, shares_with_server: bool) -> int:
+def resolve_threads(requested: int | None) -> int:
     """Threads for the engine's CPU work. Unset: $OMP_NUM_THREADS when given, else every core this
-    process may use, less one when an HTTP server shares the process: the matmul threads wait for each
-    other at every layer, so one of them losing its core to the server's event loop stalls all of them
-    (measured here on 2 cores: a decode step 16 ms slower at 2 threads than at 1)."""
+    process may use (the HTTP server's event loop needs little, and the matmul threads only wait
+    for it if they come from more than one thread: see async_engine.py)."""
     if requested is not None:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = available_cores()
-    return max(1, cores - 1) if shares_with_server else cores
+    return available_cores()
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -80,3 +79,18 @@ def build_engine(settings: Settings) -> LLMEngine:
     dtype = resolve_dtype(settings.dtype, device)
     return load_engine(settings.model, dtype=dtype, device=str(device), quantize=settings.quantize,
                        config=engine_config(settings), allow_download=settings.allow_download)
+
+
+def build_engine_on_its_thread(settings: Settings, num_threads: int) -> tuple[LLMEngine, ThreadPoolExecutor]:
+    """Load the engine on a new one-thread executor, with `num_threads` CPU threads, and return both:
+    its loop is to run on that same thread (see async_engine.py for why)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    def build() -> LLMEngine:
+        torch.set_num_threads(num_threads)  # OpenMP's thread count is per thread: set it on this one
+        return build_engine(settings)
+    try:
+        return executor.submit(build).result(), executor
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
