@@ -19,7 +19,7 @@ from torch import nn
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.loader import find_demo_gguf, load_model
 from mistral_serve.model.mistral import RMSNorm, Transformer
-from mistral_serve.model.quant import Int8Linear, quantize_int8, swap_linears_for_int8
+from mistral_serve.model.quant import Int8Linear, W8A8Linear, quantize_int8, swap_linears_for_int8
 from mistral_serve.tokenizer import ChatTokenizer, load_tokenizer
 
 MISTRAL_7B_V03 = ModelConfig(
@@ -124,11 +124,11 @@ def build_random_model(config: ModelConfig, dtype: torch.dtype, quantize: str | 
     With quantize="int8" the same linear layers are int8 as there (an untied lm_head included),
     with scales in `dtype`; no layer's weight ever exists in `dtype`.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+    if quantize not in (None, "int8", "w8a8"):
+        raise ValueError(f"quantize must be 'int8', 'w8a8' or None, got {quantize!r}")
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
-    if quantize == "int8":
+    if quantize is not None:  # w8a8 weights are int8 weights: filled as such, then swapped
         swap_linears_for_int8(model, dtype=dtype, exclude={"lm_head"} if config.tie_word_embeddings else ())
     source = RandomSource(dtype, seed)
     for module in model.modules():
@@ -137,6 +137,13 @@ def build_random_model(config: ModelConfig, dtype: torch.dtype, quantize: str | 
         elif module is not model.rotary:
             module.to_empty(device="cpu", recurse=False)
             source.fill_(module)
+    if quantize == "w8a8":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Int8Linear):
+                w8a8 = W8A8Linear(module.in_features, module.out_features, device="meta")
+                w8a8.weight, w8a8.scales = module.weight, module.scales.float()
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, w8a8)
     model.rotary.build(torch.device("cpu"))
     model.tie_weights()
     return model.requires_grad_(False).eval()
@@ -189,6 +196,8 @@ SETTINGS = {setting.name: setting for setting in [
                  _random(MISTRAL_7B_V03, torch.bfloat16)),
     ModelSetting("7b-int8", "Mistral-7B-v0.3 shape, random weights, int8 weight-only (bfloat16 activations)", 8,
                  _random(MISTRAL_7B_V03, torch.bfloat16, "int8")),
+    ModelSetting("7b-w8a8", "Mistral-7B-v0.3 shape, random weights, int8 weights and int8 activations", 8,
+                 _random(MISTRAL_7B_V03, torch.bfloat16, "w8a8")),
     ModelSetting("tiny", "a few-MB random model, float32 (checks the benchmark itself)", 16,
                  _random(TINY, torch.float32)),
     ModelSetting("tiny-int8", "a few-MB random model, int8 weight-only, float32 activations", 16,

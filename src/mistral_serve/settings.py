@@ -30,7 +30,7 @@ class Settings:
     allow_download: bool = False
     device: str = "auto"  # "auto": CUDA when there, else CPU
     dtype: str = "auto"  # "auto": bfloat16 on CUDA and CPUs with native bfloat16, else float32
-    quantize: str | None = None  # None, "int8" or "int4" (CPU)
+    quantize: str | None = None  # None, "int8", "int4" (CPU) or "w8a8" (CPU)
     threads: int | None = None  # CPU threads of the engine; None: $OMP_NUM_THREADS, else every core
     kv_cache_memory_mb: int = 1024
     max_num_seqs: int = 64
@@ -48,8 +48,8 @@ class Settings:
     max_usage_backlog_mb: int = 256  # usage rows waiting on disk for the database; past it: 503
 
     def __post_init__(self) -> None:
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be 'int8', 'int4' or unset, got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int4", "w8a8"):
+            raise ValueError(f"quantize must be 'int8', 'int4', 'w8a8' or unset, got {self.quantize!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 < self.port < 65536:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_serve.model.quant import Int4Linear, Int8Linear
+from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear
 
 # the CPU int4 layout packs rows in blocks of 64: stacking packed weights is exact only per block
 _INT4_ROW_BLOCK = 64
@@ -36,6 +36,11 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module | None:
         return stacked
     if kind is Int8Linear:
         stacked = Int8Linear(in_features, out_features, dtype=layers[0].scales.dtype, device="meta")
+        stacked.weight = torch.cat([layer.weight for layer in layers])
+        stacked.scales = torch.cat([layer.scales for layer in layers])
+        return stacked
+    if kind is W8A8Linear and all(layer.packed_weight is None for layer in layers):
+        stacked = W8A8Linear(in_features, out_features, device="meta")
         stacked.weight = torch.cat([layer.weight for layer in layers])
         stacked.scales = torch.cat([layer.scales for layer in layers])
         return stacked

