@@ -130,7 +130,11 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, engines, db)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=ABORT_GRACE_S)
-    GracefulServer(config, app.state.serving).run()
+    try:
+        GracefulServer(config, app.state.serving).run()
+    finally:  # a forced exit skips the app's shutdown; the process ends only once its engine threads do
+        for engine in engines.values():
+            engine.shutdown()
     return 0
 
 
