@@ -30,6 +30,7 @@ import time
 import psutil
 import torch
 
+from mistral_serve.engine.builder import available_cores
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
 from engine_models import SETTINGS, ModelSetting, bytes_read_per_step, weight_bytes
@@ -69,10 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # the machine
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
 
 def machine_info(num_threads: int) -> dict:
     cpu = platform.processor() or platform.machine()

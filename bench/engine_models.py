@@ -19,7 +19,8 @@ from torch import nn
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.loader import find_demo_gguf, load_model
 from mistral_serve.model.mistral import RMSNorm, Transformer
-from mistral_serve.model.quant import Int8Linear, W8A8Linear, quantize_int8, swap_linears_for_int8
+from mistral_serve.model.quant import (Int8Linear, W8A8Linear, quantize_int8, swap_linears_for_int8,
+                                      swap_linears_for_w8a8)
 from mistral_serve.tokenizer import ChatTokenizer, load_tokenizer
 
 MISTRAL_7B_V03 = ModelConfig(
@@ -92,15 +93,16 @@ class RandomSource:
             else:
                 self._copy_runs([param.view(-1)], [self.values])
 
-    def fill_int8_(self, module: Int8Linear) -> None:
-        """Materialise an int8 linear layer's weight and scales with quantized random rows."""
+    def fill_int8_(self, module: Int8Linear | W8A8Linear) -> None:
+        """Materialise an int8 linear layer's weight and scales (in the dtype the layer keeps them in)
+        with quantized random rows."""
         rows = self._int8_rows.get(module.in_features)
         if rows is None:
             num_rows = self.values.numel() // module.in_features
             block = self.values[:num_rows * module.in_features].view(num_rows, module.in_features)
             rows = self._int8_rows[module.in_features] = quantize_int8(block, scales_dtype=self.dtype)
         module.weight = torch.empty(module.out_features, module.in_features, dtype=torch.int8)
-        module.scales = torch.empty(module.out_features, dtype=self.dtype)
+        module.scales = torch.empty(module.out_features, dtype=module.scales.dtype)
         self._copy_runs([module.weight, module.scales], rows)
 
     def _copy_runs(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -128,22 +130,18 @@ def build_random_model(config: ModelConfig, dtype: torch.dtype, quantize: str | 
         raise ValueError(f"quantize must be 'int8', 'w8a8' or None, got {quantize!r}")
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
-    if quantize is not None:  # w8a8 weights are int8 weights: filled as such, then swapped
-        swap_linears_for_int8(model, dtype=dtype, exclude={"lm_head"} if config.tie_word_embeddings else ())
+    exclude = {"lm_head"} if config.tie_word_embeddings else ()
+    if quantize == "int8":
+        swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
+    elif quantize == "w8a8":
+        swap_linears_for_w8a8(model, exclude=exclude)
     source = RandomSource(dtype, seed)
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, W8A8Linear)):
             source.fill_int8_(module)
         elif module is not model.rotary:
             module.to_empty(device="cpu", recurse=False)
             source.fill_(module)
-    if quantize == "w8a8":
-        for name, module in list(model.named_modules()):
-            if isinstance(module, Int8Linear):
-                w8a8 = W8A8Linear(module.in_features, module.out_features, device="meta")
-                w8a8.weight, w8a8.scales = module.weight, module.scales.float()
-                parent_name, _, child_name = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child_name, w8a8)
     model.rotary.build(torch.device("cpu"))
     model.tie_weights()
     return model.requires_grad_(False).eval()

@@ -122,12 +122,19 @@ def healthy_requests():
                                                         ignore_eos=True))]
 
 
-def test_a_request_that_breaks_the_model_run_fails_alone_and_the_others_go_on_unchanged(model):
-    expected, _, _ = run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)),
-                         healthy_requests())
-    engine = faulty_engine(model)
+def tokens_of_healthy_requests_alone(model) -> dict[str, list[int]]:
+    return run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)), healthy_requests())[0]
+
+
+def with_healthy_requests(engine: LLMEngine) -> LLMEngine:
     for request_id, prompt, params in healthy_requests():
         engine.add_request(request_id, prompt, params)
+    return engine
+
+
+def test_a_request_that_breaks_the_model_run_fails_alone_and_the_others_go_on_unchanged(model):
+    expected = tokens_of_healthy_requests_alone(model)
+    engine = with_healthy_requests(faulty_engine(model))
     got = {request_id: [] for request_id in expected}
     for _ in range(3):  # under way when the bad request joins their batch
         for delta in engine.step():
@@ -148,11 +155,8 @@ def test_a_request_that_breaks_the_model_run_fails_alone_and_the_others_go_on_un
 
 
 def test_a_fault_that_does_not_recur_fails_nobody(model):
-    expected, _, _ = run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)),
-                         healthy_requests())
-    engine = faulty_engine(model)
-    for request_id, prompt, params in healthy_requests():
-        engine.add_request(request_id, prompt, params)
+    expected = tokens_of_healthy_requests_alone(model)
+    engine = with_healthy_requests(faulty_engine(model))
     got = {delta.request_id: list(delta.token_ids) for delta in engine.step()}
     engine.runner.model.fail_once = True  # the next batch fails, and each request alone does not
     while engine.has_unfinished_requests():
@@ -163,8 +167,7 @@ def test_a_fault_that_does_not_recur_fails_nobody(model):
 
 
 def test_a_sampling_fault_leaves_a_seeded_request_drawing_what_it_would_have_drawn(model):
-    expected, _, _ = run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)),
-                         healthy_requests())
+    expected = tokens_of_healthy_requests_alone(model)
     engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
     sample = engine.runner.sampler
 
@@ -174,8 +177,7 @@ def test_a_sampling_fault_leaves_a_seeded_request_drawing_what_it_would_have_dra
             raise RuntimeError("sampling failed")
         return tokens
     engine.runner.sampler = sample_then_fail_on_a_marked_row
-    for request_id, prompt, params in healthy_requests():
-        engine.add_request(request_id, prompt, params)
+    with_healthy_requests(engine)
     engine.add_request("marked", prompts(1)[0], SamplingParams(max_tokens=12, logit_bias={1: -7.0}))
     got = {request_id: [] for request_id in expected}
     while engine.has_unfinished_requests():

@@ -34,13 +34,9 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module | None:
         stacked = nn.Linear(in_features, out_features, bias=False, device=weight.device, dtype=weight.dtype)
         stacked.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
         return stacked
-    if kind is Int8Linear:
-        stacked = Int8Linear(in_features, out_features, dtype=layers[0].scales.dtype, device="meta")
-        stacked.weight = torch.cat([layer.weight for layer in layers])
-        stacked.scales = torch.cat([layer.scales for layer in layers])
-        return stacked
-    if kind is W8A8Linear and all(layer.packed_weight is None for layer in layers):
-        stacked = W8A8Linear(in_features, out_features, device="meta")
+    # int8 weights with a scale per row, W8A8's before packing (its packed layout is opaque)
+    if kind is Int8Linear or (kind is W8A8Linear and all(layer.packed_weight is None for layer in layers)):
+        stacked = kind(in_features, out_features, device="meta")  # buffers replaced just below
         stacked.weight = torch.cat([layer.weight for layer in layers])
         stacked.scales = torch.cat([layer.scales for layer in layers])
         return stacked

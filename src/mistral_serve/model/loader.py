@@ -283,7 +283,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     elif quantize == "w8a8":
         quantized = swap_linears_for_w8a8(model, exclude=exclude)
     # a tied output layer reads the whole embedding every step: under int4 it gets an int4 copy of its
-    # own (a third of a decode step of a small model goes there otherwise), while the embedding stays
+    # own (a quarter of a decode step of a small model goes there otherwise), while the embedding stays
     # in `dtype` for its look-ups. Not under int8: torch's int8 kernel is no faster than bfloat16 for
     # a layer this wide and slower for several rows.
     quantizes_tied_head = quantize == "int4" and config.tie_word_embeddings

@@ -84,11 +84,11 @@ class W8A8Linear(nn.Module):
     quantizes its other features coarsely. Each row has its own scale, so a request's numbers never
     depend on the other requests in its batch."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+    def __init__(self, in_features: int, out_features: int, *, device: torch.device | str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        # float32 whatever the model's dtype: the kernel takes no other
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
         self.packed_weight: torch.Tensor | None = None  # oneDNN's layout (opaque), once packed
         self.packed_nbytes = 0
