@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
 from mistral_serve.model.loader import load_model
-from mistral_serve.model.quant import Int8Linear, quantize_int8, swap_linears_for_int8
+from mistral_serve.model.packed import pack_linears
+from mistral_serve.model.quant import Int8Linear, W8A8Linear, can_pack_int8, quantize_int8, swap_linears_for_int8
 from tests.checkpoints import (hf_state_dict, tiny_llama_config, tiny_mistral_config, write_gguf_checkpoint,
                                write_hf_checkpoint)
 
@@ -18,6 +19,9 @@ DEQUANTIZED_LOGITS_TOLERANCE = 1e-4
 # within half a step (row absmax / 254); through these random 2-layer models that moves the logits by
 # ~3% of their norm (measured 3.4% and 3.1%).
 INT8_LOGITS_RELATIVE_TOLERANCE = 0.06
+# Packed (CPU), the inputs go in as two int8 passes too, each feature within 1/64516 of its row's
+# largest: the logits against the dequantized float model then differ by up to ~1.6e-3 (measured).
+PACKED_LOGITS_TOLERANCE = 5e-3
 
 
 def test_quantize_int8_is_symmetric_per_output_row():
@@ -69,6 +73,33 @@ def test_int8_linear_equals_float_linear_on_dequantized_weight(x_shape, uses_ker
     out = layer(x)
     assert out.shape == (*x_shape[:-1], 24) and out.dtype == dtype
     assert (out.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+needs_int8_packing = pytest.mark.skipif(not can_pack_int8(), reason="torch built without oneDNN")
+
+
+@needs_int8_packing
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_int8_linear_keeps_its_inputs_to_about_16_bits(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 128, generator=generator)
+    x = torch.randn(2, rows, 128, generator=generator)
+    x[0, 0, 5] = 40.0  # an outlier feature: the other features of its row sit far below its scale
+    errors = {}
+    for kind in (Int8Linear, W8A8Linear):
+        layer = _int8_linear(weight, torch.float32) if kind is Int8Linear else kind(128, 96)
+        layer.weight, layer.scales = quantize_int8(weight)
+        expected = F.linear(x, layer.weight.float() * layer.scales[:, None])  # exact inputs, same int8 weight
+        layer.pack()
+        assert layer.packed_weight is not None and layer.weight.numel() == 0  # no second copy of the weight
+        out = layer(x)
+        assert out.shape == (2, rows, 96) and out.dtype == torch.float32
+        errors[kind] = ((out - expected).abs().max() / expected.abs().max()).item()
+        # a row's result does not depend on the other rows of its batch
+        torch.testing.assert_close(layer(x[1:, -1:]), out[1:, -1:], atol=0, rtol=0)
+    # two input passes: each feature within 1/64516 of its row's largest, measured ~1e-4 of the
+    # outputs' range; one pass (W8A8) ~3e-2
+    assert errors[Int8Linear] < 3e-4 and errors[W8A8Linear] > 30 * errors[Int8Linear]
 
 
 def test_swap_linears_for_int8_leaves_excluded_and_other_modules():
@@ -125,6 +156,12 @@ def test_int8_model_logits(tmp_path, make_config):
     assert float_logits.std() > 1  # logits that mean something
     assert (int8_logits - dequantized_logits).abs().max() < DEQUANTIZED_LOGITS_TOLERANCE
     assert (int8_logits - float_logits).norm() < INT8_LOGITS_RELATIVE_TOLERANCE * float_logits.norm()
+    if can_pack_int8():  # as the engine runs it on a CPU: int8 inputs in two passes
+        packed = load_model(path, quantize="int8")
+        pack_linears(packed)
+        assert isinstance(packed.layers[0].mlp.down_proj.packed_weight, torch.Tensor)
+        packed_logits = prefill_logits(packed, token_ids)
+        assert (packed_logits - dequantized_logits).abs().max() < PACKED_LOGITS_TOLERANCE
 
 
 def _assert_quantized_like(model, hf_model):

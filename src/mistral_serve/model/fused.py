@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear
+from mistral_serve.model.quant import Int4Linear, Int8Linear
 
 # the CPU int4 layout packs rows in blocks of 64: stacking packed weights is exact only per block
 _INT4_ROW_BLOCK = 64
@@ -34,8 +34,8 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module | None:
         stacked = nn.Linear(in_features, out_features, bias=False, device=weight.device, dtype=weight.dtype)
         stacked.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
         return stacked
-    # int8 weights with a scale per row, W8A8's before packing (its packed layout is opaque)
-    if kind is Int8Linear or (kind is W8A8Linear and all(layer.packed_weight is None for layer in layers)):
+    # int8 weights with a scale per row (W8A8's too), before packing: the packed layout is opaque
+    if issubclass(kind, Int8Linear) and all(layer.packed_weight is None for layer in layers):
         stacked = kind(in_features, out_features, device="meta")  # buffers replaced just below
         stacked.weight = torch.cat([layer.weight for layer in layers])
         stacked.scales = torch.cat([layer.scales for layer in layers])
