@@ -135,7 +135,8 @@ class ModelRunner:
         layout = None
         if num_decodes:
             tables_t = tables_t.view(num_decodes, width)
-            layout = decode_layout(tables_t, lens_t, block_size, self.config.sliding_window, max(decode_lens))
+            layout = decode_layout(tables_t, lens_t, block_size, self.config.sliding_window, max(decode_lens),
+                                   min(decode_lens), self.dtype)
         meta = AttentionMetadata(
             slot_mapping=slots_t,
             num_decodes=num_decodes,

@@ -33,7 +33,10 @@ class DecodeLayout:
     """Where the keys of each decoding sequence live: one padded row of cache slots per sequence."""
 
     slots: torch.Tensor  # (num_decodes * max_len,) int64: flat cache slots, padding points at slot 0
-    mask: torch.Tensor  # (num_decodes, 1, 1, max_len) bool: the key is visible to the sequence's query
+    # (num_decodes, 1, 1, max_len), added to the scores: 0 where the key is visible to the sequence's
+    # query, -inf where not; None when every key is visible. Additive in the queries' dtype, as SDPA
+    # would otherwise convert a boolean mask again in every layer.
+    mask: torch.Tensor | None
     max_len: int
 
 
@@ -47,15 +50,18 @@ class AttentionMetadata:
     sliding_window: int | None
     decode_layout: DecodeLayout | None = None  # built from the tables when None
 
-    def layout(self, block_size: int) -> DecodeLayout:
+    def layout(self, block_size: int, dtype: torch.dtype) -> DecodeLayout:
         return self.decode_layout or decode_layout(self.decode_block_tables, self.decode_context_lens,
-                                                   block_size, self.sliding_window)
+                                                   block_size, self.sliding_window, dtype=dtype)
 
 
 def decode_layout(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                  sliding_window: int | None, max_len: int | None = None) -> DecodeLayout:
+                  sliding_window: int | None, max_len: int | None = None, min_len: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> DecodeLayout:
     """block_tables: (num_decodes, max_num_blocks), context_lens: (num_decodes,), on the cache's device.
-    `max_len` (the longest context, known to the caller as a Python int) avoids reading it back."""
+    `max_len` and `min_len` (the longest and shortest context, known to the caller as Python ints)
+    avoid reading them back; with both, a step whose keys are all visible gets no mask. `dtype`: the
+    queries'."""
     num_decodes, max_num_blocks = block_tables.shape
     if max_len is None:
         max_len = max_num_blocks * block_size
@@ -66,7 +72,12 @@ def decode_layout(block_tables: torch.Tensor, context_lens: torch.Tensor, block_
     if sliding_window is not None:
         visible &= key_positions[None, :] > (context_lens - 1 - sliding_window)[:, None]
     slots = slots.masked_fill(~visible, 0)  # padding reads a valid slot; the mask hides it
-    return DecodeLayout(slots.reshape(-1), visible[:, None, None, :], max_len)
+    all_visible = min_len == max_len and (sliding_window is None or max_len <= sliding_window)
+    mask = None
+    if not all_visible:
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :]
+    return DecodeLayout(slots.reshape(-1), mask, max_len)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -84,11 +95,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     already written to the cache.  Returns (num_tokens, num_heads, head_dim)."""
     num_decodes = meta.num_decodes
     if num_decodes and not meta.prefills:
-        return _decode_attention(q, k_cache, v_cache, meta.layout(k_cache.shape[1]), scale)
+        return _decode_attention(q, k_cache, v_cache, meta.layout(k_cache.shape[1], q.dtype), scale)
     out = torch.empty_like(q)
     if num_decodes:
         out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache,
-                                              meta.layout(k_cache.shape[1]), scale)
+                                              meta.layout(k_cache.shape[1], q.dtype), scale)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk,
