@@ -27,12 +27,6 @@ import sys
 import threading
 import time
 
-from mistral_serve.engine.huge_pages import prefer_huge_pages
-
-# as the server does, and before torch allocates anything; the bandwidth probe gets huge pages too,
-# so the ratio to it stays fair
-prefer_huge_pages()
-
 import psutil
 import torch
 

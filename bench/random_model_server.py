@@ -16,10 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from mistral_serve.engine.huge_pages import prefer_huge_pages
-
-prefer_huge_pages()  # as `serve` does, before torch allocates anything
-
 import mistral_common
 import torch
 import uvicorn

@@ -8,7 +8,6 @@ from pathlib import Path
 import sys
 import time
 
-from mistral_serve.engine.huge_pages import prefer_huge_pages
 from mistral_serve.settings import Settings
 
 
@@ -169,7 +168,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prefer_huge_pages()  # first: torch reads it at its first allocation, and the commands import torch
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

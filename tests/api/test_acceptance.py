@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
-from pathlib import Path
 
 from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -205,24 +204,6 @@ def test_a_reply_without_max_tokens_ends_within_the_context(tiny_server):
 def test_the_default_server_serves_the_demo_and_the_cached_mistral(default_server):
     listing = httpx.get(default_server.url + "/v1/models").json()
     assert [model["id"] for model in listing["data"]] == [DEMO_MODEL_ID, V3_MODEL_ID, "open-mistral-7b"]
-
-
-def _transparent_huge_pages_mode() -> str | None:
-    """The kernel's THP setting ("always", "madvise" or "never"); None where it has none."""
-    try:
-        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return None
-    return setting[setting.index("[") + 1:setting.index("]")]
-
-
-@pytest.mark.demo
-def test_the_default_server_keeps_its_weights_in_huge_pages(default_server):
-    if _transparent_huge_pages_mode() in (None, "never"):
-        pytest.skip("this kernel gives no transparent huge pages")
-    rollup = Path(f"/proc/{default_server.process.pid}/smaps_rollup").read_text()
-    huge_kb = int(rollup.split("AnonHugePages:")[1].split()[0])
-    assert huge_kb > 100_000  # most of the demo model's ~270 MB of bfloat16 weights, with 4 KB pages only: 0
 
 
 @pytest.mark.demo
