@@ -256,8 +256,9 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     """Load a checkpoint into a `Transformer` in eval mode, ready to run.
 
     dtype: of every floating-point weight, norms included.  quantize="int8": int8 weights
-    (activations keep their precision: see quant.Int8Linear) for the decoder's linear layers and an untied lm_head, quantized tensor by tensor while
-    loading, so the float weights never all exist at once.  quantize="int4": the same layers in
+    (activations keep their precision: see quant.Int8Linear) for the decoder's linear layers and an
+    untied lm_head, quantized tensor by tensor while loading, so the float weights never all exist
+    at once.  quantize="int4": the same layers in
     grouped int4 (CPU only), a tied lm_head included (as an int4 copy of the embedding).
     quantize="w8a8": int8 weights as for "int8", and int8 inputs quantized per token (CPU only).
     """

@@ -47,7 +47,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(self.max_positions, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_positions, head_dim)
         # sin with rotate-half's sign folded in (its first half negated): see apply_rotary
-        signs = torch.cat((-torch.ones(self.head_dim // 2, device=device), torch.ones(self.head_dim // 2, device=device)))
+        half_ones = torch.ones(self.head_dim // 2, device=device)
+        signs = torch.cat((-half_ones, half_ones))
         self.cos_sin = torch.stack((emb.cos(), emb.sin() * signs))  # (2, max_positions, head_dim)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
