@@ -13,10 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mistral_serve.model.cpu_kernels import TORCH_INT4_ROW_BLOCK
 from mistral_serve.model.quant import Int4Linear, Int8Linear
-
-# the CPU int4 layout packs rows in blocks of 64: stacking packed weights is exact only per block
-_INT4_ROW_BLOCK = 64
 
 
 @torch.no_grad()
@@ -40,7 +38,8 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module | None:
         stacked.weight = torch.cat([layer.weight for layer in layers])
         stacked.scales = torch.cat([layer.scales for layer in layers])
         return stacked
-    if kind is Int4Linear and all(layer.out_features % _INT4_ROW_BLOCK == 0 for layer in layers):
+    # torch's int4 layout packs rows in blocks of 64: stacking packed weights is exact only per block
+    if kind is Int4Linear and all(layer.out_features % TORCH_INT4_ROW_BLOCK == 0 for layer in layers):
         stacked = Int4Linear(in_features, out_features, dtype=layers[0].scales_and_zeros.dtype, device="meta")
         stacked.weight = torch.cat([layer.weight for layer in layers])
         stacked.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_serve.model.quant import Int8Linear
+from mistral_serve.model.quant import Int4Linear, Int8Linear
 
 # the row count the packed layout is tuned for: a decode batch; other counts run on it too
 _PACKED_FOR_ROWS = 16
@@ -50,12 +50,13 @@ class PackedLinear(nn.Module):
 @torch.no_grad()
 def pack_linears(model: nn.Module) -> set[str]:
     """Replace every bias-free `nn.Linear` whose weight `can_pack` by a `PackedLinear`, in place,
-    and pack the weights of CPU `Int8Linear`s (W8A8's too) for oneDNN's int8 matmul. A weight shared
+    pack the weights of CPU `Int8Linear`s (W8A8's too) for oneDNN's int8 matmul and those of
+    `Int4Linear`s for our int4 kernel (where it can be built). A weight shared
     with another module (a tied LM head) is packed into a copy of its own; the original stays for the
     other module. Returns the qualified names of the swapped modules."""
     swapped = set()
     for name, module in list(model.named_modules()):
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Int4Linear)):
             if module.can_pack():
                 module.pack()
             continue

@@ -1,0 +1,159 @@
+"""Our CPU matmul kernels for quantized layers (cpu_kernels.c): built once with the machine's C
+compiler, cached, and called through ctypes.
+
+They are an accelerator, never a requirement: where the library cannot be had (no C compiler, a CPU
+without AVX-512 bfloat16, not Linux on x86-64, or MISTRAL_SERVE_CPU_KERNELS=0) `load()` says why
+in the log and returns None, and the layers keep torch's own kernels.
+
+The library is cached under $XDG_CACHE_HOME/mistral-serve/kernels (~/.cache by default), named by
+a hash of its source, compiler and flags, so a changed source or compiler builds a new one. It
+links against the libgomp torch has loaded, so the kernels' parallel loops run on torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
+DISABLE_VARIABLE = "MISTRAL_SERVE_CPU_KERNELS"
+
+
+class CpuKernels:
+    """The loaded library: one method per kernel, on CPU tensors."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._int4_linear = library.ms_int4_linear
+        self._int4_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_int]
+        self._int4_linear.restype = ctypes.c_int
+
+    def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
+                    out_features: int) -> torch.Tensor:
+        """x: (rows, in) bfloat16, contiguous; weight and scales_offsets from `int4_layout`.
+        Returns (rows, out_features) bfloat16."""
+        rows, in_features = x.shape
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        if self._int4_linear(x.data_ptr(), rows, in_features, weight.data_ptr(), scales_offsets.data_ptr(),
+                             out_features, group_size, out.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("the int4 kernel could not allocate its scratch space")
+        return out
+
+
+# layouts (see cpu_kernels.c)
+
+INT4_TILE_ROWS = 32
+# torch's CPU int4 layout packs rows in blocks of 64 (another layout, not read here, when the rows
+# are not a multiple of 64)
+TORCH_INT4_ROW_BLOCK = 64
+
+
+def int4_layout(torch_packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU int4 layout (uint8 (out, in / 2), scales and zeros (in / group_size, out, 2), with
+    weight = (q - 8) * scale + zero) → the kernel's: (uint8 (out / 32, in / 4, 2, 32), float32
+    (out / 32, groups, 4, 16)). out must be a multiple of 64."""
+    out_features, in_features = torch_packed.shape[0], torch_packed.shape[1] * 2
+    q = unpack_torch_int4(torch_packed)  # (out, in) uint8 in 0..15
+    tiles, blocks, quads = out_features // INT4_TILE_ROWS, INT4_TILE_ROWS // 16, in_features // 4
+    # (tile, block, row, quad, low/high nibble, column of the pair): q[4p + 2 * half + column]
+    q = q.reshape(tiles, blocks, 16, quads, 2, 2)
+    packed = q[..., 0, :] | (q[..., 1, :] << 4)  # (tile, block, row, quad, column)
+    packed = packed.permute(0, 3, 1, 2, 4).contiguous().reshape(tiles, quads, blocks, 32)
+    scales, zeros = scales_and_zeros.float().unbind(-1)  # (groups, out) each
+    # (q - 8) * scale + zero = (128 + q) * scale + (zero - 136 * scale)
+    offsets = zeros - 136 * scales
+    groups = scales.shape[0]
+    by_tile = torch.stack((scales, offsets)).reshape(2, groups, tiles, blocks, 16)  # (kind, group, tile, block, row)
+    scales_offsets = by_tile.permute(2, 1, 0, 3, 4).contiguous().reshape(tiles, groups, 2 * blocks, 16)
+    return packed, scales_offsets
+
+
+def unpack_torch_int4(torch_packed: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 layout → q (out, in) uint8. Blocks of 64 rows; in each, input k's 32 bytes
+    hold rows 0..31 in their low nibbles and rows 32..63 in their high nibbles."""
+    out_features, in_features = torch_packed.shape[0], torch_packed.shape[1] * 2
+    if out_features % TORCH_INT4_ROW_BLOCK:
+        raise ValueError(f"torch's int4 layout for {out_features} rows (not a multiple of 64) is not read here")
+    by_block = torch_packed.reshape(out_features // TORCH_INT4_ROW_BLOCK, in_features, TORCH_INT4_ROW_BLOCK // 2)
+    return torch.cat((by_block & 15, by_block >> 4), dim=2).transpose(1, 2).reshape(out_features, in_features)
+
+
+# building and loading
+
+@functools.cache
+def load() -> CpuKernels | None:
+    """The kernels, built on first use; None (logged once, with the reason) where they cannot run."""
+    reason = _cannot_build()
+    if reason is None:
+        try:
+            library = ctypes.CDLL(str(_built_library()))
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or error
+            reason = f"building {SOURCE.name} failed: {str(detail).strip()[-2000:]}"
+        else:
+            if library.ms_cpu_supported():
+                return CpuKernels(library)
+            reason = "this CPU lacks AVX-512 with bfloat16 dot products"
+    logger.info("CPU kernels not used (%s); torch's kernels run instead", reason)
+    return None
+
+
+def _cannot_build() -> str | None:
+    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{DISABLE_VARIABLE} turns them off"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"they are written for Linux on x86-64, not {sys.platform} on {platform.machine()}"
+    if _compiler() is None:
+        return "no C compiler found (set CC, or install gcc)"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "")) if os.environ.get("CC") else (shutil.which("gcc")
+                                                                               or shutil.which("cc"))
+
+
+def _built_library() -> Path:
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, *FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not target.exists():
+        # built beside the target and renamed into place: another process never loads half a file
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
+                           check=True)
+            os.replace(built, target)
+        logger.info("built the CPU kernels: %s", target)
+    return target
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = base / "mistral-serve" / "kernels"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    directory = Path(tempfile.gettempdir()) / f"mistral-serve-kernels-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
