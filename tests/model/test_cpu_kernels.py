@@ -9,7 +9,7 @@ from mistral_serve.model import cpu_kernels
 from mistral_serve.model.cpu_kernels import unpack_torch_int4
 from mistral_serve.model.loader import load_model
 from mistral_serve.model.packed import pack_linears
-from mistral_serve.model.quant import Int4Linear, quantize_int4
+from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear, can_pack_int8, quantize_int4, quantize_int8
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 from tests.model.test_quant import prefill_logits
 
@@ -103,3 +103,33 @@ def test_packed_int4_model_gives_the_logits_of_torchs_kernel(tmp_path):
     # the same products, summed in another order in float32: the bfloat16 activations round apart
     # here and there, measured 6e-3 of the logits' spread
     assert (logits - expected).abs().max() < 0.03 * expected.std()
+
+
+def int8_layers(kind, weight: torch.Tensor):
+    """The same int8 weights packed for our kernel and for oneDNN's int8 matmul."""
+    weight8, scales = quantize_int8(weight, scales_dtype=torch.float32)
+    ours, onednns = kind(weight.shape[1], weight.shape[0]), kind(weight.shape[1], weight.shape[0])
+    for layer in (ours, onednns):
+        layer.weight, layer.scales = weight8.clone(), scales.clone()
+    onednns._fits_our_kernel = lambda: False
+    ours.pack()
+    onednns.pack()
+    return ours, onednns
+
+
+@needs_kernels
+@pytest.mark.skipif(not can_pack_int8(), reason="torch without oneDNN's int8 matmul")
+@pytest.mark.parametrize("kind", [Int8Linear, W8A8Linear])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 16])
+def test_our_int8_kernel_sums_exactly_what_onednns_does(kind, num_rows):
+    """The same int8 steps of the same inputs, summed in int32 by both: float32 rounding apart."""
+    generator = torch.Generator().manual_seed(num_rows)
+    ours, onednns = int8_layers(kind, torch.randn(96, 256, generator=generator))
+    assert ours.kernels is not None and onednns.kernels is None
+    x = torch.randn(num_rows, 256, generator=generator)
+    x[:, 5] = 30  # an outlier feature, as real activations have
+    expected = onednns(x)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # bfloat16 in and out: the same sums, rounded once at the end
+    x16 = x.bfloat16()
+    torch.testing.assert_close(ours(x16), onednns(x16), rtol=8e-3, atol=8e-3 * expected.abs().max().item())

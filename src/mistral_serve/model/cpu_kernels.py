@@ -42,6 +42,11 @@ class CpuKernels:
                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                       ctypes.c_int]
         self._int4_linear.restype = ctypes.c_int
+        self._int8_linear = library.ms_int8_linear
+        self._int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self._int8_linear.restype = ctypes.c_int
 
     def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
                     out_features: int) -> torch.Tensor:
@@ -55,7 +60,33 @@ class CpuKernels:
         return out
 
 
+    def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
+                    input_passes: int) -> torch.Tensor:
+        """x: (rows, in) bfloat16 or float32, contiguous; weight from `int8_layout`, scales (out,) float32,
+        weight_sums (out,) int32. Returns (rows, out) in x's dtype."""
+        rows, in_features = x.shape
+        out = torch.empty(rows, scales.shape[0], dtype=x.dtype)
+        if self._int8_linear(x.data_ptr(), rows, in_features, weight.data_ptr(), scales.data_ptr(),
+                             weight_sums.data_ptr(), scales.shape[0], input_passes, out.data_ptr(),
+                             x.dtype == torch.float32, torch.get_num_threads()):
+            raise MemoryError("the int8 kernel could not allocate its scratch space")
+        return out
+
+
 # layouts (see cpu_kernels.c)
+
+INT8_TILE_ROWS = 32
+
+
+def int8_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 (out, in) → the kernel's layout (int8 (out / 32, in / 4, 2, 64)) and each row's sum
+    (out,) int32. out must be a multiple of 32, in of 4."""
+    out_features, in_features = weight.shape
+    tiles, quads = out_features // INT8_TILE_ROWS, in_features // 4
+    # (tile, block, row, quad, input of the quad) → (tile, quad, block, row, input)
+    tiled = weight.reshape(tiles, 2, 16, quads, 4).permute(0, 3, 1, 2, 4).contiguous().reshape(tiles, quads, 2, 64)
+    return tiled, weight.sum(dim=1, dtype=torch.int32)
+
 
 INT4_TILE_ROWS = 32
 # torch's CPU int4 layout packs rows in blocks of 64 (another layout, not read here, when the rows
@@ -109,7 +140,7 @@ def load() -> CpuKernels | None:
         else:
             if library.ms_cpu_supported():
                 return CpuKernels(library)
-            reason = "this CPU lacks AVX-512 with bfloat16 dot products"
+            reason = "this CPU lacks AVX-512 with bfloat16 and int8 dot products"
     logger.info("CPU kernels not used (%s); torch's kernels run instead", reason)
     return None
 

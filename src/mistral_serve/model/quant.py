@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from mistral_serve.model import cpu_kernels
-from mistral_serve.model.cpu_kernels import TORCH_INT4_ROW_BLOCK, CpuKernels, int4_layout
+from mistral_serve.model.cpu_kernels import INT8_TILE_ROWS, TORCH_INT4_ROW_BLOCK, CpuKernels, int4_layout, int8_layout
 
 # On CPU, torch's fused int8 kernel beats dequantize-then-matmul only for a few rows (decode
 # batches), not for prefill chunks.  Measured on an AVX-512 CPU, torch 2.13, a 4096x4096 layer:
@@ -57,8 +57,8 @@ class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight and one scale per output feature.
 
     Packed (`pack`, CPU only; `pack_linears` does it after loading), the weight moves into the
-    blocked layout of oneDNN's int8 x int8 matmul, which runs on the CPU's int8 dot-product
-    instructions, and the plain copy is dropped. Each input row then goes in as int8 rows
+    layout of our int8 x int8 kernel (cpu_kernels.c; oneDNN's int8 matmul where ours cannot be
+    built), which runs on the CPU's int8 dot-product instructions, and the plain copy is dropped. Each input row then goes in as int8 rows
     (`_quantize_rows`): with `input_passes = 2` (here) a coarse row and the row of what the coarse one
     missed, so an input keeps about 16 bits (error at most 1/64516 of its row's largest feature;
     bfloat16 itself keeps 8), while torch's weight-only kernel, the unpacked path, reads the whole
@@ -75,30 +75,43 @@ class Int8Linear(nn.Module):
         # buffers, not parameters: nothing here is trained
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-        self.packed_weight: torch.Tensor | None = None  # oneDNN's layout (opaque), once packed
+        self.packed_weight: torch.Tensor | None = None  # our kernel's layout or oneDNN's (opaque), once packed
         self.packed_nbytes = 0
+        self.kernels: CpuKernels | None = None  # once packed for our kernel
 
     def can_pack(self) -> bool:
-        return self.weight.device.type == "cpu" and can_pack_int8()
+        return self.weight.device.type == "cpu" and (self._fits_our_kernel() or can_pack_int8())
+
+    def _fits_our_kernel(self) -> bool:
+        return (self.out_features % INT8_TILE_ROWS == 0 and self.in_features % 4 == 0
+                and cpu_kernels.load() is not None)
 
     @torch.no_grad()
     def pack(self) -> None:
-        """Lay the weight out for oneDNN's int8 matmul once and drop the plain copy (no second copy);
-        the scales stay, plus a float32 copy for the kernel."""
+        """Lay the weight out for our int8 kernel (or, where it cannot run, oneDNN's int8 matmul) once
+        and drop the plain copy (no second copy); the scales stay, plus a float32 copy for the kernel."""
         if self.packed_weight is not None:
             return
         if not self.can_pack():
-            raise RuntimeError("int8 packing needs a CPU weight and torch built with oneDNN")
-        self.packed_weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
+            raise RuntimeError("int8 packing needs a CPU weight and our CPU kernels or torch built with oneDNN")
+        self.kernel_scales = self.scales.float()
+        if self._fits_our_kernel():
+            self.packed_weight, self.weight_sums = int8_layout(self.weight)
+            self.kernels = cpu_kernels.load()
+        else:
+            self.packed_weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
+            self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
         self.packed_nbytes = self.weight.nbytes
         self.weight = torch.empty(0, dtype=torch.int8)
-        self.kernel_scales = self.scales.float()
-        self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features).  Returns (..., out_features) in x's dtype."""
         x2d = x.reshape(-1, self.in_features)  # (tokens, in)
-        if self.packed_weight is not None:
+        if self.kernels is not None:
+            kernel_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+            out = self.kernels.int8_linear(x2d.to(kernel_dtype).contiguous(), self.packed_weight,
+                                           self.kernel_scales, self.weight_sums, self.input_passes).to(x.dtype)
+        elif self.packed_weight is not None:
             out = self._packed_matmul(x2d)
         elif self._can_use_int8_kernel(x2d):
             out = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), self.weight, self.scales.to(x.dtype))
