@@ -14,7 +14,9 @@ from mistral_serve.engine.guided import GrammarMatcher, allocate_token_bitmask
 from mistral_serve.engine.scheduler import ScheduledSequence
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.engine.token_counts import TokenCounts
+from mistral_serve.model import cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
+from mistral_serve.model.cpu_layers import use_cpu_layers
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.mistral import Transformer
 from mistral_serve.model.fused import fuse_projections
@@ -43,6 +45,12 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
+        kernels = cpu_kernels.load() if self.device.type == "cpu" else None
+        if kernels is not None:
+            use_cpu_layers(model, kernels)
+        # decode attention on our kernel, in place in the cache, where it takes this model and cache
+        self.attention_kernels = (kernels if kernels is not None and kernels.can_attend(
+            torch.empty(0, self.config.head_dim, dtype=self.dtype), self.kv_caches[0][0]) else None)
         self.sampler = Sampler(seed)
         self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
         self.matchers: dict[int, GrammarMatcher] = {}  # per constrained sequence
@@ -135,8 +143,9 @@ class ModelRunner:
         layout = None
         if num_decodes:
             tables_t = tables_t.view(num_decodes, width)
-            layout = decode_layout(tables_t, lens_t, block_size, self.config.sliding_window, max(decode_lens),
-                                   min(decode_lens), self.dtype)
+            if self.attention_kernels is None:
+                layout = decode_layout(tables_t, lens_t, block_size, self.config.sliding_window, max(decode_lens),
+                                       min(decode_lens), self.dtype)
         meta = AttentionMetadata(
             slot_mapping=slots_t,
             num_decodes=num_decodes,
@@ -146,6 +155,7 @@ class ModelRunner:
                            for (first, count, start, _), table_t in zip(chunks, ints[6:])),
             sliding_window=self.config.sliding_window,
             decode_layout=layout,
+            kernels=self.attention_kernels,
         )
         return token_ids_t, positions_t, meta, logits_indices_t
 

@@ -4,10 +4,11 @@ The runner flattens one engine step into a single token dimension: first one tok
 decoding sequence, then the prefill chunks one after another. `AttentionMetadata` says where each
 token's key and value go in the cache and which cached positions each query may see.
 
-Decode reads the cache through `DecodeLayout`, built once per step and shared by every layer: the
-flat cache slot of each visible key position of each decoding sequence, and a mask for padding
-and the sliding window. Each layer then gathers exactly those slots with one `index_select`
-(a row copy), not whole blocks by advanced indexing.
+Decode on the CPU in bfloat16 runs our kernel (cpu_kernels.c), which reads each key and value in
+place from its cache block: nothing is gathered or copied. Elsewhere decode reads the cache through
+`DecodeLayout`, built once per step and shared by every layer: the flat cache slot of each visible
+key position of each decoding sequence, and a mask for padding and the sliding window. Each layer
+then gathers exactly those slots with one `index_select` (a row copy) for SDPA.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from mistral_serve.model.cpu_kernels import CpuKernels
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class AttentionMetadata:
     prefills: tuple[PrefillChunk, ...]
     sliding_window: int | None
     decode_layout: DecodeLayout | None = None  # built from the tables when None
+    # our CPU kernels, when decode attention runs on them (then no DecodeLayout is needed)
+    kernels: CpuKernels | None = None
 
     def layout(self, block_size: int, dtype: torch.dtype) -> DecodeLayout:
         return self.decode_layout or decode_layout(self.decode_block_tables, self.decode_context_lens,
@@ -95,11 +100,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     already written to the cache.  Returns (num_tokens, num_heads, head_dim)."""
     num_decodes = meta.num_decodes
     if num_decodes and not meta.prefills:
-        return _decode_attention(q, k_cache, v_cache, meta.layout(k_cache.shape[1], q.dtype), scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if num_decodes:
-        out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache,
-                                              meta.layout(k_cache.shape[1], q.dtype), scale)
+        out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk,
@@ -108,7 +112,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      layout: DecodeLayout, scale: float) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if meta.kernels is not None:
+        return meta.kernels.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.decode_block_tables,
+                                                   meta.decode_context_lens, meta.sliding_window, scale)
+    layout = meta.layout(k_cache.shape[1], q.dtype)
     num_decodes, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads

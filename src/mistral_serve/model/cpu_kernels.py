@@ -47,6 +47,21 @@ class CpuKernels:
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._int8_linear.restype = ctypes.c_int
+        self._paged_decode_attention = library.ms_paged_decode_attention
+        self._paged_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p] + [
+            ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        self._paged_decode_attention.restype = None
+        self._rms_norm = library.ms_rms_norm
+        self._rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
+                                   ctypes.c_void_p, ctypes.c_int]
+        self._rms_norm.restype = None
+        self._silu_and_mul = library.ms_silu_and_mul
+        self._silu_and_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        self._silu_and_mul.restype = None
+        self._rotary_and_cache = library.ms_rotary_and_cache
+        self._rotary_and_cache.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [
+            ctypes.c_int]
+        self._rotary_and_cache.restype = None
 
     def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
                     out_features: int) -> torch.Tensor:
@@ -71,6 +86,56 @@ class CpuKernels:
                              x.dtype == torch.float32, torch.get_num_threads()):
             raise MemoryError("the int8 kernel could not allocate its scratch space")
         return out
+
+
+    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, sliding_window: int | None,
+                               scale: float) -> torch.Tensor:
+        """q: (num_decodes, num_heads, head_dim) bfloat16; caches (num_blocks, block_size, num_kv_heads,
+        head_dim) bfloat16; block_tables (num_decodes, width) int64; context_lens (num_decodes,) int64,
+        all contiguous. Returns (num_decodes, num_heads, head_dim) bfloat16."""
+        num_decodes, num_heads, head_dim = q.shape
+        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        out = torch.empty_like(q)
+        self._paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                                     block_tables.shape[1], context_lens.data_ptr(), sliding_window or 0,
+                                     num_decodes, num_heads, num_kv_heads, head_dim, block_size, scale,
+                                     out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x: (rows, dim) bfloat16, contiguous, dim % 16 == 0; weight (dim,) bfloat16. As the model's
+        RMSNorm: weight * bf16(x * rsqrt(mean(x²) + eps)), in float32 inside."""
+        out = torch.empty_like(x)
+        self._rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr(),
+                       torch.get_num_threads())
+        return out
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: (rows, 2 * inner) bfloat16, contiguous, inner % 16 == 0. Returns silu(gate) * up."""
+        rows, inner = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inner, dtype=gate_up.dtype)
+        self._silu_and_mul(gate_up.data_ptr(), rows, inner, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def rotary_and_cache(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                         signed_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+        """qkv: (rows, num_heads + 2 * num_kv_heads, head_dim) bfloat16, contiguous: its q and k heads
+        rotated in place (cos, signed_sin: (rows, head_dim), as the model's rotary gives them), then
+        each row's k and v copied into the caches at slot_mapping[row]."""
+        rows, _, head_dim = qkv.shape
+        self._rotary_and_cache(qkv.data_ptr(), rows, num_heads, num_kv_heads, head_dim, cos.data_ptr(),
+                               signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+                               torch.get_num_threads())
+
+    @staticmethod
+    def can_attend(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether `paged_decode_attention` takes these: bfloat16 on the CPU, head_dim a multiple of
+        32 up to 256."""
+        head_dim = q.shape[-1]
+        return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
+                and head_dim % 32 == 0 and head_dim <= 256)
 
 
 # layouts (see cpu_kernels.c)

@@ -1,0 +1,85 @@
+"""Decoder modules on our CPU kernels (cpu_kernels.c): RMSNorm, the rotary embedding with the KV-cache
+write, and SiLU-and-multiply each become one call instead of several torch ops.
+
+For one token of the demo model these small ops were a quarter of a decode step (RMSNorm alone is
+eight torch ops on the CPU, ~30 us a call, twice a layer). Like fusing and packing this is a module
+swap after loading (`use_cpu_layers`); the model code does not know about it. The kernels round to
+bfloat16 where the torch ops do, so the numbers are the model's up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mistral_serve.model.attention import AttentionMetadata, paged_attention
+from mistral_serve.model.cpu_kernels import CpuKernels
+from mistral_serve.model.mistral import MLP, Attention, RMSNorm, Transformer
+
+
+class CpuRMSNorm(nn.Module):
+    def __init__(self, norm: RMSNorm, kernels: CpuKernels):
+        super().__init__()
+        self.weight, self.eps, self.kernels = norm.weight, norm.eps, kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (tokens, hidden)
+        return self.kernels.rms_norm(x2d, self.weight, self.eps).view(x.shape)
+
+
+class CpuMLP(nn.Module):
+    def __init__(self, mlp: MLP, kernels: CpuKernels):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.kernels = mlp.gate_up_proj, mlp.down_proj, kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj.forward(self.kernels.silu_and_mul(self.gate_up_proj.forward(x).contiguous()))
+
+
+class CpuAttention(nn.Module):
+    def __init__(self, attention: Attention, kernels: CpuKernels):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = attention.num_heads, attention.num_kv_heads
+        self.head_dim, self.scale = attention.head_dim, attention.scale
+        self.qkv_proj, self.o_proj, self.kernels = attention.qkv_proj, attention.o_proj, kernels
+
+    def forward(self, x, rope, kv_cache, meta: AttentionMetadata):
+        num_tokens = x.shape[0]
+        heads = self.num_heads + 2 * self.num_kv_heads
+        qkv = self.qkv_proj.forward(x).contiguous().view(num_tokens, heads, self.head_dim)
+        cos, signed_sin = rope  # (tokens, 1, head_dim) each
+        k_cache, v_cache = kv_cache
+        # q and k rotated in place, k and v written to their cache slots: one call
+        self.kernels.rotary_and_cache(qkv, self.num_heads, self.num_kv_heads, cos.contiguous(),
+                                      signed_sin.contiguous(), k_cache, v_cache, meta.slot_mapping.contiguous())
+        q = qkv[:, :self.num_heads]
+        k = qkv[:, self.num_heads:self.num_heads + self.num_kv_heads]
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj.forward(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+def can_use_cpu_layers(model: Transformer) -> bool:
+    """bfloat16 on the CPU, projections fused (fused.py), and widths the kernels take."""
+    config, weight = model.config, model.embed_tokens.weight
+    layer = model.layers[0]
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and config.head_dim % 32 == 0
+            and config.head_dim <= 256 and config.hidden_size % 16 == 0 and config.intermediate_size % 16 == 0
+            and layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None)
+
+
+def use_cpu_layers(model: Transformer, kernels: CpuKernels) -> bool:
+    """Swap every decoder layer's norms, attention and MLP, and the final norm, for the modules above,
+    in place, where `can_use_cpu_layers`. Returns whether it did."""
+    if not can_use_cpu_layers(model):
+        return False
+    for layer in model.layers:
+        if isinstance(layer.self_attn, CpuAttention):
+            continue
+        layer.input_layernorm = CpuRMSNorm(layer.input_layernorm, kernels)
+        layer.post_attention_layernorm = CpuRMSNorm(layer.post_attention_layernorm, kernels)
+        layer.self_attn = CpuAttention(layer.self_attn, kernels)
+        layer.mlp = CpuMLP(layer.mlp, kernels)
+    if not isinstance(model.norm, CpuRMSNorm):
+        model.norm = CpuRMSNorm(model.norm, kernels)
+    return True
