@@ -22,11 +22,13 @@ from tests.model.test_quant import prefill_logits
 needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels cannot run here (see the log)")
 
 
-def test_kernels_build_on_this_machine():
-    """CI runs on AVX-512 machines with gcc: there the kernels must build, not silently fall back."""
+def test_kernels_build_wherever_a_compiler_is():
+    """Where a C compiler is found the library must build (a broken source must not pass as a quiet
+    fallback to torch's kernels); whether this CPU runs it is a separate question."""
     reason = cpu_kernels._cannot_build()
-    if reason is None and cpu_kernels.load() is None:
-        pytest.fail("a C compiler is there but the kernels did not load: see the log")
+    if reason is not None:
+        pytest.skip(reason)
+    assert cpu_kernels._built_library().stat().st_size > 0
 
 
 def test_switched_off_by_the_environment(monkeypatch, caplog):
@@ -255,3 +257,27 @@ def test_engine_decodes_alike_with_and_without_the_kernels(tmp_path, monkeypatch
     # up to 0.052 apart (two steps), once in 36
     for request_id, logprobs in with_kernels[1].items():
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(without[1][request_id]), atol=0.1, rtol=0)
+
+
+@needs_kernels
+def test_a_fused_int4_decode_step_is_the_module_path_exactly(tmp_path):
+    """The whole decoder stack in one call runs the modules' kernels in their order: the same bits."""
+    path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config(vocab_size=ByteTokenizer.vocab_size))
+    prompts = [list(range(3, 3 + length)) for length in (5, 23, 40)]
+
+    def run(fused: bool):
+        engine = LLMEngine(load_model(path, dtype=torch.bfloat16, quantize="int4"), ByteTokenizer(),
+                           EngineConfig(kv_cache_memory=8 << 20, block_size=16))
+        assert engine.runner.fused_decode is not None
+        if not fused:
+            engine.runner.fused_decode = None
+        for index, prompt in enumerate(prompts):
+            engine.add_request(str(index), prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                                  logprobs=True))
+        steps = []
+        while engine.has_unfinished_requests():
+            steps.append([(delta.request_id, delta.token_ids, [entry.logprob for entry in delta.logprobs or ()])
+                          for delta in engine.step()])
+        return steps
+
+    assert run(fused=True) == run(fused=False)

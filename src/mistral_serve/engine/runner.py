@@ -16,7 +16,7 @@ from mistral_serve.engine.sequence import Sequence
 from mistral_serve.engine.token_counts import TokenCounts
 from mistral_serve.model import cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
-from mistral_serve.model.cpu_layers import use_cpu_layers
+from mistral_serve.model.cpu_layers import FusedInt4Decode, use_cpu_layers
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.mistral import Transformer
 from mistral_serve.model.fused import fuse_projections
@@ -46,8 +46,9 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
         kernels = cpu_kernels.load() if self.device.type == "cpu" else None
-        if kernels is not None:
-            use_cpu_layers(model, kernels)
+        self.fused_decode = None  # a decode-only step in one kernel call, where the model allows it
+        if kernels is not None and use_cpu_layers(model, kernels):
+            self.fused_decode = FusedInt4Decode.build(model, self.kv_caches, block_size, kernels)
         # decode attention on our kernel, in place in the cache, where it takes this model and cache
         self.attention_kernels = (kernels if kernels is not None and kernels.can_attend(
             torch.empty(0, self.config.head_dim, dtype=self.dtype), self.kv_caches[0][0]) else None)
@@ -65,7 +66,10 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch[i].num_new_tokens != 1)
         items = [batch[i] for i in order]
         token_ids, positions, meta, logits_indices = self.prepare_inputs(items)
-        logits = self.model(token_ids, positions, self.kv_caches, meta, logits_indices)
+        if self.fused_decode is not None and not meta.prefills and self.fused_decode.model is self.model:
+            logits = self.fused_decode(token_ids, positions, meta, logits_indices)
+        else:
+            logits = self.model(token_ids, positions, self.kv_caches, meta, logits_indices)
         sampling_seqs = [item.seq for item in items if item.samples_token]
         sampled = iter(self._sample_or_restore(logits, sampling_seqs) if sampling_seqs else [])
         results_in_order = [next(sampled) if item.samples_token else None for item in items]

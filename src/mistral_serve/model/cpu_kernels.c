@@ -297,14 +297,15 @@ KERNEL_TARGET INLINE __m512 bf16x16_to_float(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* q, out: (D, H, hd); caches: (blocks, block_size, KVH, hd); block_tables: (D, table_stride);
- * context_lens: (D,), the new token's key included; window: 0, or a key at position p is seen
- * only if p > context_len - 1 - window. hd % 32 == 0, hd <= 256, H % KVH == 0. */
-KERNEL_TARGET void ms_paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                                             const int64_t *block_tables, int64_t table_stride,
-                                             const int64_t *context_lens, int64_t window, int64_t D, int64_t H,
-                                             int64_t KVH, int64_t hd, int64_t block_size, float scale,
-                                             uint16_t *out, int num_threads) {
+/* q: rows of H heads of hd, q_row_stride apart; out: (D, H, hd); caches: (blocks, block_size, KVH,
+ * hd); block_tables: (D, table_stride); context_lens: (D,), the new token's key included; window: 0,
+ * or a key at position p is seen only if p > context_len - 1 - window. hd % 32 == 0, hd <= 256,
+ * H % KVH == 0. */
+KERNEL_TARGET static void paged_decode_attention(const uint16_t *q, int64_t q_row_stride, const uint16_t *k_cache,
+                                                 const uint16_t *v_cache, const int64_t *block_tables,
+                                                 int64_t table_stride, const int64_t *context_lens, int64_t window,
+                                                 int64_t D, int64_t H, int64_t KVH, int64_t hd, int64_t block_size,
+                                                 float scale, uint16_t *out, int num_threads) {
     const int64_t group = H / KVH, vectors = hd / 16;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t item = 0; item < D * H; item++) {
@@ -312,8 +313,9 @@ KERNEL_TARGET void ms_paged_decode_attention(const uint16_t *q, const uint16_t *
         const int64_t context_len = context_lens[d];
         const int64_t first = window > 0 && context_len > window ? context_len - window : 0;
         const int64_t *table = block_tables + d * table_stride;
+        const uint16_t *query_row = q + d * q_row_stride + h * hd;
         __m512bh query[8];
-        for (int64_t j = 0; j < hd / 32; j++) query[j] = (__m512bh)_mm512_loadu_si512(q + item * hd + 32 * j);
+        for (int64_t j = 0; j < hd / 32; j++) query[j] = (__m512bh)_mm512_loadu_si512(query_row + 32 * j);
         __m512 acc[16];
         for (int64_t j = 0; j < vectors; j++) acc[j] = _mm512_setzero_ps();
         float running_max = -__builtin_inff(), running_sum = 0.f;
@@ -322,9 +324,10 @@ KERNEL_TARGET void ms_paged_decode_attention(const uint16_t *q, const uint16_t *
         for (int64_t start = first; start < context_len; start += ATTENTION_CHUNK) {
             const int n = context_len - start < ATTENTION_CHUNK ? (int)(context_len - start) : ATTENTION_CHUNK;
             float chunk_max = -__builtin_inff();
+            int64_t block_index = start / block_size, in_block = start % block_size; /* no division per key */
             for (int i = 0; i < n; i++) {
-                const int64_t position = start + i;
-                const int64_t slot = table[position / block_size] * block_size + position % block_size;
+                const int64_t slot = table[block_index] * block_size + in_block;
+                if (++in_block == block_size) in_block = 0, block_index++;
                 offsets[i] = (slot * KVH + kv_head) * hd;
                 const uint16_t *key = k_cache + offsets[i];
                 __m512 dot = _mm512_setzero_ps();
@@ -357,6 +360,15 @@ KERNEL_TARGET void ms_paged_decode_attention(const uint16_t *q, const uint16_t *
             _mm256_storeu_si256((__m256i *)(out + item * hd + 16 * j),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[j], inverse)));
     }
+}
+
+KERNEL_TARGET void ms_paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                                             const int64_t *block_tables, int64_t table_stride,
+                                             const int64_t *context_lens, int64_t window, int64_t D, int64_t H,
+                                             int64_t KVH, int64_t hd, int64_t block_size, float scale,
+                                             uint16_t *out, int num_threads) {
+    paged_decode_attention(q, H * hd, k_cache, v_cache, block_tables, table_stride, context_lens, window, D, H, KVH,
+                           hd, block_size, scale, out, num_threads);
 }
 
 /* ---- the small per-layer steps, fused -----------------------------------------------------------
@@ -438,4 +450,76 @@ KERNEL_TARGET void ms_rotary_and_cache(uint16_t *qkv, int64_t rows, int64_t H, i
         memcpy(k_cache + slots[r] * KVH * hd, k, KVH * hd * sizeof *k);
         memcpy(v_cache + slots[r] * KVH * hd, v, KVH * hd * sizeof *v);
     }
+}
+
+/* ---- a whole decode step of int4 layers, in one call ---------------------------------------------
+ *
+ * Every decoder layer of a step of single-token decodes, with no Python between the kernels above:
+ * the step's ~300 small calls were ~40% of a decode step of the demo model. The same kernels, in
+ * the order (and with the roundings) of the modules in cpu_layers.py.
+ */
+
+typedef struct {
+    const uint8_t *weight;
+    const float *scales_offsets;
+    int64_t out_features, in_features, group_size;
+} Int4Weight;
+
+typedef struct {
+    const uint16_t *input_norm, *post_attention_norm;
+    Int4Weight qkv, o, gate_up, down;
+    uint16_t *k_cache, *v_cache;
+} Int4Layer;
+
+typedef struct {
+    int64_t hidden, inner, num_heads, num_kv_heads, head_dim, block_size, window;
+    float eps, scale;
+} DecoderShape;
+
+/* x = bf16(x + delta), as torch adds bfloat16 tensors; n % 16 == 0 */
+KERNEL_TARGET static void add_in_place(uint16_t *x, const uint16_t *delta, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm256_storeu_si256((__m256i *)(x + i), round_to_bf16(_mm512_add_ps(bf16x16_to_float(x + i),
+                                                                             bf16x16_to_float(delta + i))));
+}
+
+KERNEL_TARGET static int int4_linear_of(const uint16_t *x, int64_t rows, const Int4Weight *w, uint16_t *y,
+                                        int num_threads) {
+    return ms_int4_linear(x, rows, w->in_features, w->weight, w->scales_offsets, w->out_features, w->group_size, y,
+                          num_threads);
+}
+
+/* x: (D, hidden) bfloat16, the embedded tokens in, the last layer's output out (in place); cos,
+ * signed_sin: (D, head_dim) bfloat16; slots: each token's cache slot; block tables and context
+ * lengths as for the decode attention. Returns 0, or -1 when out of memory. */
+KERNEL_TARGET int ms_int4_decode_layers(const Int4Layer *layers, int64_t num_layers, const DecoderShape *shape,
+                                        uint16_t *x, int64_t D, const uint16_t *cos, const uint16_t *signed_sin,
+                                        const int64_t *slots, const int64_t *block_tables, int64_t table_stride,
+                                        const int64_t *context_lens, int num_threads) {
+    const int64_t H = shape->num_heads, KVH = shape->num_kv_heads, hd = shape->head_dim, hidden = shape->hidden;
+    const int64_t heads = H + 2 * KVH;
+    uint16_t *normed = malloc(sizeof(uint16_t) * D * hidden), *qkv = malloc(sizeof(uint16_t) * D * heads * hd);
+    uint16_t *attended = malloc(sizeof(uint16_t) * D * H * hd), *delta = malloc(sizeof(uint16_t) * D * hidden);
+    uint16_t *gate_up = malloc(sizeof(uint16_t) * D * 2 * shape->inner), *act = malloc(sizeof(uint16_t) * D * shape->inner);
+    int status = normed && qkv && attended && delta && gate_up && act ? 0 : -1;
+    for (int64_t l = 0; l < num_layers && status == 0; l++) {
+        const Int4Layer *layer = layers + l;
+        /* attention */
+        ms_rms_norm(x, D, hidden, layer->input_norm, shape->eps, normed, num_threads);
+        status |= int4_linear_of(normed, D, &layer->qkv, qkv, num_threads);
+        ms_rotary_and_cache(qkv, D, H, KVH, hd, cos, signed_sin, layer->k_cache, layer->v_cache, slots, num_threads);
+        paged_decode_attention(qkv, heads * hd, layer->k_cache, layer->v_cache, block_tables, table_stride,
+                               context_lens, shape->window, D, H, KVH, hd, shape->block_size, shape->scale, attended,
+                               num_threads);
+        status |= int4_linear_of(attended, D, &layer->o, delta, num_threads);
+        add_in_place(x, delta, D * hidden);
+        /* MLP */
+        ms_rms_norm(x, D, hidden, layer->post_attention_norm, shape->eps, normed, num_threads);
+        status |= int4_linear_of(normed, D, &layer->gate_up, gate_up, num_threads);
+        ms_silu_and_mul(gate_up, D, shape->inner, act, num_threads);
+        status |= int4_linear_of(act, D, &layer->down, delta, num_threads);
+        add_in_place(x, delta, D * hidden);
+    }
+    free(normed); free(qkv); free(attended); free(delta); free(gate_up); free(act);
+    return status;
 }

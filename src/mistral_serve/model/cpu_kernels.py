@@ -33,6 +33,27 @@ FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
 DISABLE_VARIABLE = "MISTRAL_SERVE_CPU_KERNELS"
 
 
+class Int4Weight(ctypes.Structure):
+    """An int4 layer in our kernel's layout (cpu_kernels.c)."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("scales_offsets", ctypes.c_void_p), ("out_features", ctypes.c_int64),
+                ("in_features", ctypes.c_int64), ("group_size", ctypes.c_int64)]
+
+
+class Int4Layer(ctypes.Structure):
+    """A decoder layer whose projections are all int4, and its KV cache."""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", Int4Weight),
+                ("o", Int4Weight), ("gate_up", Int4Weight), ("down", Int4Weight), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p)]
+
+
+class DecoderShape(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int64), ("inner", ctypes.c_int64), ("num_heads", ctypes.c_int64),
+                ("num_kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("window", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
 class CpuKernels:
     """The loaded library: one method per kernel, on CPU tensors."""
 
@@ -62,6 +83,11 @@ class CpuKernels:
         self._rotary_and_cache.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [
             ctypes.c_int]
         self._rotary_and_cache.restype = None
+        self._int4_decode_layers = library.ms_int4_decode_layers
+        self._int4_decode_layers.argtypes = [ctypes.POINTER(Int4Layer), ctypes.c_int64, ctypes.POINTER(DecoderShape),
+                                             ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        self._int4_decode_layers.restype = ctypes.c_int
 
     def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
                     out_features: int) -> torch.Tensor:
@@ -128,6 +154,18 @@ class CpuKernels:
         self._rotary_and_cache(qkv.data_ptr(), rows, num_heads, num_kv_heads, head_dim, cos.data_ptr(),
                                signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
                                torch.get_num_threads())
+
+    def int4_decode_layers(self, layers, shape: DecoderShape, x: torch.Tensor, cos: torch.Tensor,
+                           signed_sin: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor) -> None:
+        """Every layer of `layers` (an Int4Layer array) on x (num_decodes, hidden) bfloat16, in place: a
+        decode step's decoder stack in one call. cos, signed_sin: (num_decodes, head_dim); the rest as
+        for `paged_decode_attention`; all contiguous."""
+        if self._int4_decode_layers(layers, len(layers), ctypes.byref(shape), x.data_ptr(), x.shape[0],
+                                    cos.data_ptr(), signed_sin.data_ptr(), slot_mapping.data_ptr(),
+                                    block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+                                    torch.get_num_threads()):
+            raise MemoryError("the decode step could not allocate its scratch space")
 
     @staticmethod
     def can_attend(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
