@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
@@ -13,7 +14,7 @@ from mistral_serve.model.cpu_kernels import unpack_torch_int4
 from mistral_serve.model.cpu_layers import CpuMLP, CpuRMSNorm, use_cpu_layers
 from mistral_serve.model.fused import fuse_projections
 from mistral_serve.model.loader import load_model
-from mistral_serve.model.packed import pack_linears
+from mistral_serve.model.packed import PackedLinear, pack_linears
 from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear, can_pack_int8, quantize_int4, quantize_int8
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 from tests.engine.test_engine_tiny import ByteTokenizer
@@ -260,13 +261,14 @@ def test_engine_decodes_alike_with_and_without_the_kernels(tmp_path, monkeypatch
 
 
 @needs_kernels
-def test_a_fused_int4_decode_step_is_the_module_path_exactly(tmp_path):
+@pytest.mark.parametrize("quantize", [None, "int4"], ids=["bfloat16", "int4"])
+def test_a_fused_decode_step_is_the_module_path_exactly(tmp_path, quantize):
     """The whole decoder stack in one call runs the modules' kernels in their order: the same bits."""
     path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config(vocab_size=ByteTokenizer.vocab_size))
     prompts = [list(range(3, 3 + length)) for length in (5, 23, 40)]
 
     def run(fused: bool):
-        engine = LLMEngine(load_model(path, dtype=torch.bfloat16, quantize="int4"), ByteTokenizer(),
+        engine = LLMEngine(load_model(path, dtype=torch.bfloat16, quantize=quantize), ByteTokenizer(),
                            EngineConfig(kv_cache_memory=8 << 20, block_size=16))
         assert engine.runner.fused_decode is not None
         if not fused:
@@ -281,3 +283,20 @@ def test_a_fused_int4_decode_step_is_the_module_path_exactly(tmp_path):
         return steps
 
     assert run(fused=True) == run(fused=False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_rows", [1, 3, 4, 7, 16])
+def test_our_bfloat16_kernel_is_as_exact_as_the_matmul_library(num_rows):
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(96, 256, generator=generator).bfloat16()
+    layer = PackedLinear(weight)
+    assert layer.kernels is not None
+    x = torch.randn(num_rows, 256, generator=generator).bfloat16()
+    exact = x.double() @ weight.double().t()
+    out = layer(x)
+
+    def error(result):
+        return ((result.double() - exact).norm() / exact.norm()).item()
+    # exact products summed in float32, rounded once to bfloat16, as F.linear does
+    assert error(out) <= 1.02 * error(F.linear(x, weight)) + 1e-6

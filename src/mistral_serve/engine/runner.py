@@ -16,7 +16,7 @@ from mistral_serve.engine.sequence import Sequence
 from mistral_serve.engine.token_counts import TokenCounts
 from mistral_serve.model import cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
-from mistral_serve.model.cpu_layers import FusedInt4Decode, use_cpu_layers
+from mistral_serve.model.cpu_layers import FusedDecode, use_cpu_layers
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.mistral import Transformer
 from mistral_serve.model.fused import fuse_projections
@@ -48,7 +48,7 @@ class ModelRunner:
         kernels = cpu_kernels.load() if self.device.type == "cpu" else None
         self.fused_decode = None  # a decode-only step in one kernel call, where the model allows it
         if kernels is not None and use_cpu_layers(model, kernels):
-            self.fused_decode = FusedInt4Decode.build(model, self.kv_caches, block_size, kernels)
+            self.fused_decode = FusedDecode.build(model, self.kv_caches, block_size, kernels)
         # decode attention on our kernel, in place in the cache, where it takes this model and cache
         self.attention_kernels = (kernels if kernels is not None and kernels.can_attend(
             torch.empty(0, self.config.head_dim, dtype=self.dtype), self.kv_caches[0][0]) else None)

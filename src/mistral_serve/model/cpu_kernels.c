@@ -452,24 +452,86 @@ KERNEL_TARGET void ms_rotary_and_cache(uint16_t *qkv, int64_t rows, int64_t H, i
     }
 }
 
-/* ---- a whole decode step of int4 layers, in one call ---------------------------------------------
+/* ---- bfloat16 weights ----------------------------------------------------------------------------
  *
- * Every decoder layer of a step of single-token decodes, with no Python between the kernels above:
+ * w: [N/32 tiles][K/2 pairs][2 blocks][32 bfloat16]: in block b of tile t, element 2i + e of pair p
+ * is row t*32 + b*16 + i, input 2p + e, so one `vdpbf16ps` takes a pair of inputs for 16 rows.
+ */
+
+/* one input row; even and odd pairs in separate accumulators (the dot product's latency) */
+KERNEL_TARGET INLINE void bf16_tile_1row(const uint16_t *x, int64_t K, const uint16_t *wt, uint16_t *y) {
+    __m512 even0 = _mm512_setzero_ps(), odd0 = even0, even1 = even0, odd1 = even0;
+    for (int64_t p = 0; p < K / 2; p += 2) {
+        const uint16_t *wp = wt + p * 64;
+        _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 128 + 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 128 + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 128 + 96), _MM_HINT_T0);
+        const int32_t *xp = (const int32_t *)(x + 2 * p);
+        __m512bh x0 = (__m512bh)_mm512_set1_epi32(xp[0]), x1 = (__m512bh)_mm512_set1_epi32(xp[1]);
+        even0 = _mm512_dpbf16_ps(even0, (__m512bh)_mm512_loadu_si512(wp), x0);
+        even1 = _mm512_dpbf16_ps(even1, (__m512bh)_mm512_loadu_si512(wp + 32), x0);
+        odd0 = _mm512_dpbf16_ps(odd0, (__m512bh)_mm512_loadu_si512(wp + 64), x1);
+        odd1 = _mm512_dpbf16_ps(odd1, (__m512bh)_mm512_loadu_si512(wp + 96), x1);
+    }
+    _mm256_storeu_si256((__m256i *)y, round_to_bf16(_mm512_add_ps(even0, odd0)));
+    _mm256_storeu_si256((__m256i *)(y + 16), round_to_bf16(_mm512_add_ps(even1, odd1)));
+}
+
+/* four input rows: each 64 bytes of weights serve four rows */
+KERNEL_TARGET INLINE void bf16_tile_4rows(const uint16_t *x, int64_t K, const uint16_t *wt, uint16_t *y, int64_t N) {
+    __m512 acc[2][4];
+    for (int r = 0; r < 4; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < K / 2; p++) {
+        const uint16_t *wp = wt + p * 64;
+        _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 64 + 32), _MM_HINT_T0);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+        for (int r = 0; r < 4; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * K + 2 * p, sizeof pair);
+            __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+            acc[0][r] = _mm512_dpbf16_ps(acc[0][r], w0, xr);
+            acc[1][r] = _mm512_dpbf16_ps(acc[1][r], w1, xr);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < 2; b++)
+            _mm256_storeu_si256((__m256i *)(y + r * N + 16 * b), round_to_bf16(acc[b][r]));
+}
+
+/* y (M, N) bfloat16 = x (M, K) bfloat16 @ w^T; K % 4 == 0, N % 32 == 0 */
+KERNEL_TARGET int ms_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                                 int num_threads) {
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < N / 32; t++) {
+        const uint16_t *wt = w + t * K * 32;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) bf16_tile_4rows(x + m * K, K, wt, y + m * N + t * 32, N);
+        for (; m < M; m++) bf16_tile_1row(x + m * K, K, wt, y + m * N + t * 32);
+    }
+    return 0;
+}
+
+/* ---- a whole decode step, in one call --------------------------------------------------------------
+ *
+ * Every decoder layer (int4 or bfloat16 projections) of a step of single-token decodes, with no
+ * Python between the kernels above:
  * the step's ~300 small calls were ~40% of a decode step of the demo model. The same kernels, in
  * the order (and with the roundings) of the modules in cpu_layers.py.
  */
 
 typedef struct {
-    const uint8_t *weight;
-    const float *scales_offsets;
-    int64_t out_features, in_features, group_size;
-} Int4Weight;
+    const void *weight; /* int4 or bfloat16, in the kernel's layout */
+    const float *scales_offsets; /* int4 only */
+    int64_t out_features, in_features, group_size, is_bf16;
+} LinearWeights;
 
 typedef struct {
     const uint16_t *input_norm, *post_attention_norm;
-    Int4Weight qkv, o, gate_up, down;
+    LinearWeights qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache;
-} Int4Layer;
+} LayerWeights;
 
 typedef struct {
     int64_t hidden, inner, num_heads, num_kv_heads, head_dim, block_size, window;
@@ -483,8 +545,9 @@ KERNEL_TARGET static void add_in_place(uint16_t *x, const uint16_t *delta, int64
                                                                              bf16x16_to_float(delta + i))));
 }
 
-KERNEL_TARGET static int int4_linear_of(const uint16_t *x, int64_t rows, const Int4Weight *w, uint16_t *y,
-                                        int num_threads) {
+KERNEL_TARGET static int linear_of(const uint16_t *x, int64_t rows, const LinearWeights *w, uint16_t *y,
+                                   int num_threads) {
+    if (w->is_bf16) return ms_bf16_linear(x, rows, w->in_features, w->weight, w->out_features, y, num_threads);
     return ms_int4_linear(x, rows, w->in_features, w->weight, w->scales_offsets, w->out_features, w->group_size, y,
                           num_threads);
 }
@@ -492,10 +555,10 @@ KERNEL_TARGET static int int4_linear_of(const uint16_t *x, int64_t rows, const I
 /* x: (D, hidden) bfloat16, the embedded tokens in, the last layer's output out (in place); cos,
  * signed_sin: (D, head_dim) bfloat16; slots: each token's cache slot; block tables and context
  * lengths as for the decode attention. Returns 0, or -1 when out of memory. */
-KERNEL_TARGET int ms_int4_decode_layers(const Int4Layer *layers, int64_t num_layers, const DecoderShape *shape,
-                                        uint16_t *x, int64_t D, const uint16_t *cos, const uint16_t *signed_sin,
-                                        const int64_t *slots, const int64_t *block_tables, int64_t table_stride,
-                                        const int64_t *context_lens, int num_threads) {
+KERNEL_TARGET int ms_decode_layers(const LayerWeights *layers, int64_t num_layers, const DecoderShape *shape,
+                                   uint16_t *x, int64_t D, const uint16_t *cos, const uint16_t *signed_sin,
+                                   const int64_t *slots, const int64_t *block_tables, int64_t table_stride,
+                                   const int64_t *context_lens, int num_threads) {
     const int64_t H = shape->num_heads, KVH = shape->num_kv_heads, hd = shape->head_dim, hidden = shape->hidden;
     const int64_t heads = H + 2 * KVH;
     uint16_t *normed = malloc(sizeof(uint16_t) * D * hidden), *qkv = malloc(sizeof(uint16_t) * D * heads * hd);
@@ -503,21 +566,21 @@ KERNEL_TARGET int ms_int4_decode_layers(const Int4Layer *layers, int64_t num_lay
     uint16_t *gate_up = malloc(sizeof(uint16_t) * D * 2 * shape->inner), *act = malloc(sizeof(uint16_t) * D * shape->inner);
     int status = normed && qkv && attended && delta && gate_up && act ? 0 : -1;
     for (int64_t l = 0; l < num_layers && status == 0; l++) {
-        const Int4Layer *layer = layers + l;
+        const LayerWeights *layer = layers + l;
         /* attention */
         ms_rms_norm(x, D, hidden, layer->input_norm, shape->eps, normed, num_threads);
-        status |= int4_linear_of(normed, D, &layer->qkv, qkv, num_threads);
+        status |= linear_of(normed, D, &layer->qkv, qkv, num_threads);
         ms_rotary_and_cache(qkv, D, H, KVH, hd, cos, signed_sin, layer->k_cache, layer->v_cache, slots, num_threads);
         paged_decode_attention(qkv, heads * hd, layer->k_cache, layer->v_cache, block_tables, table_stride,
                                context_lens, shape->window, D, H, KVH, hd, shape->block_size, shape->scale, attended,
                                num_threads);
-        status |= int4_linear_of(attended, D, &layer->o, delta, num_threads);
+        status |= linear_of(attended, D, &layer->o, delta, num_threads);
         add_in_place(x, delta, D * hidden);
         /* MLP */
         ms_rms_norm(x, D, hidden, layer->post_attention_norm, shape->eps, normed, num_threads);
-        status |= int4_linear_of(normed, D, &layer->gate_up, gate_up, num_threads);
+        status |= linear_of(normed, D, &layer->gate_up, gate_up, num_threads);
         ms_silu_and_mul(gate_up, D, shape->inner, act, num_threads);
-        status |= int4_linear_of(act, D, &layer->down, delta, num_threads);
+        status |= linear_of(act, D, &layer->down, delta, num_threads);
         add_in_place(x, delta, D * hidden);
     }
     free(normed); free(qkv); free(attended); free(delta); free(gate_up); free(act);

@@ -33,19 +33,19 @@ FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
 DISABLE_VARIABLE = "MISTRAL_SERVE_CPU_KERNELS"
 
 
-class Int4Weight(ctypes.Structure):
-    """An int4 layer in our kernel's layout (cpu_kernels.c)."""
+class LinearWeights(ctypes.Structure):
+    """An int4 or bfloat16 layer in our kernels' layout (cpu_kernels.c)."""
 
     _fields_ = [("weight", ctypes.c_void_p), ("scales_offsets", ctypes.c_void_p), ("out_features", ctypes.c_int64),
-                ("in_features", ctypes.c_int64), ("group_size", ctypes.c_int64)]
+                ("in_features", ctypes.c_int64), ("group_size", ctypes.c_int64), ("is_bf16", ctypes.c_int64)]
 
 
-class Int4Layer(ctypes.Structure):
-    """A decoder layer whose projections are all int4, and its KV cache."""
+class LayerWeights(ctypes.Structure):
+    """A decoder layer's norms and projections, and its KV cache."""
 
-    _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", Int4Weight),
-                ("o", Int4Weight), ("gate_up", Int4Weight), ("down", Int4Weight), ("k_cache", ctypes.c_void_p),
-                ("v_cache", ctypes.c_void_p)]
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", LinearWeights),
+                ("o", LinearWeights), ("gate_up", LinearWeights), ("down", LinearWeights),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
 class DecoderShape(ctypes.Structure):
@@ -83,11 +83,15 @@ class CpuKernels:
         self._rotary_and_cache.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [
             ctypes.c_int]
         self._rotary_and_cache.restype = None
-        self._int4_decode_layers = library.ms_int4_decode_layers
-        self._int4_decode_layers.argtypes = [ctypes.POINTER(Int4Layer), ctypes.c_int64, ctypes.POINTER(DecoderShape),
-                                             ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [
+        self._bf16_linear = library.ms_bf16_linear
+        self._bf16_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+        self._bf16_linear.restype = ctypes.c_int
+        self._decode_layers = library.ms_decode_layers
+        self._decode_layers.argtypes = [ctypes.POINTER(LayerWeights), ctypes.c_int64, ctypes.POINTER(DecoderShape),
+                                        ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [
             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-        self._int4_decode_layers.restype = ctypes.c_int
+        self._decode_layers.restype = ctypes.c_int
 
     def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
                     out_features: int) -> torch.Tensor:
@@ -155,13 +159,21 @@ class CpuKernels:
                                signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
                                torch.get_num_threads())
 
-    def int4_decode_layers(self, layers, shape: DecoderShape, x: torch.Tensor, cos: torch.Tensor,
-                           signed_sin: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor) -> None:
-        """Every layer of `layers` (an Int4Layer array) on x (num_decodes, hidden) bfloat16, in place: a
+    def bf16_linear(self, x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+        """x: (rows, in) bfloat16, contiguous; weight from `bf16_layout`. Returns (rows, out) bfloat16."""
+        rows, in_features = x.shape
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        self._bf16_linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features, out.data_ptr(),
+                          torch.get_num_threads())
+        return out
+
+    def decode_layers(self, layers, shape: DecoderShape, x: torch.Tensor, cos: torch.Tensor,
+                      signed_sin: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor) -> None:
+        """Every layer of `layers` (a LayerWeights array) on x (num_decodes, hidden) bfloat16, in place: a
         decode step's decoder stack in one call. cos, signed_sin: (num_decodes, head_dim); the rest as
         for `paged_decode_attention`; all contiguous."""
-        if self._int4_decode_layers(layers, len(layers), ctypes.byref(shape), x.data_ptr(), x.shape[0],
+        if self._decode_layers(layers, len(layers), ctypes.byref(shape), x.data_ptr(), x.shape[0],
                                     cos.data_ptr(), signed_sin.data_ptr(), slot_mapping.data_ptr(),
                                     block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
                                     torch.get_num_threads()):
@@ -179,6 +191,16 @@ class CpuKernels:
 # layouts (see cpu_kernels.c)
 
 INT8_TILE_ROWS = 32
+BF16_TILE_ROWS = 32
+
+
+def bf16_layout(weight: torch.Tensor) -> torch.Tensor:
+    """bfloat16 (out, in) → the kernel's layout, (out / 32, in / 2, 2, 32): in each block of 16 rows,
+    a pair of inputs of every row side by side. out must be a multiple of 32, in of 4."""
+    out_features, in_features = weight.shape
+    tiles, pairs = out_features // BF16_TILE_ROWS, in_features // 2
+    # (tile, block, row, pair, input of the pair) → (tile, pair, block, row, input)
+    return weight.reshape(tiles, 2, 16, pairs, 2).permute(0, 3, 1, 2, 4).contiguous().reshape(tiles, pairs, 2, 32)
 
 
 def int8_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from mistral_serve.model.attention import AttentionMetadata, paged_attention
-from mistral_serve.model.cpu_kernels import CpuKernels, DecoderShape, Int4Layer, Int4Weight
+from mistral_serve.model.cpu_kernels import CpuKernels, DecoderShape, LayerWeights, LinearWeights
 from mistral_serve.model.mistral import MLP, Attention, RMSNorm, Transformer
+from mistral_serve.model.packed import PackedLinear
 from mistral_serve.model.quant import Int4Linear
 
 
@@ -86,11 +87,11 @@ def use_cpu_layers(model: Transformer, kernels: CpuKernels) -> bool:
     return True
 
 
-class FusedInt4Decode:
+class FusedDecode:
     """A step of single-token decodes through every decoder layer in one kernel call, for a model
-    whose projections are all packed int4 and whose layers are the modules above: the same kernels
-    in the same order, without ~300 Python calls a step between them. Built by `build`, which says
-    None for any other model."""
+    whose projections are all on our kernels (packed int4, or bfloat16 in our layout) and whose
+    layers are the modules above: the same kernels in the same order, without ~300 Python calls a
+    step between them. Built by `build`, which says None for any other model."""
 
     def __init__(self, model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  kernels: CpuKernels):
@@ -99,27 +100,27 @@ class FusedInt4Decode:
         self.shape = DecoderShape(config.hidden_size, config.intermediate_size, config.num_heads,
                                   config.num_kv_heads, config.head_dim, block_size, config.sliding_window or 0,
                                   config.rms_norm_eps, config.head_dim ** -0.5)
-        self.layers = (Int4Layer * len(model.layers))()
+        self.layers = (LayerWeights * len(model.layers))()
         for entry, layer, (k_cache, v_cache) in zip(self.layers, model.layers, kv_caches):
             attention, mlp = layer.self_attn, layer.mlp
             entry.input_norm = layer.input_layernorm.weight.data_ptr()
             entry.post_attention_norm = layer.post_attention_layernorm.weight.data_ptr()
-            entry.qkv, entry.o = _int4_weight(attention.qkv_proj), _int4_weight(attention.o_proj)
-            entry.gate_up, entry.down = _int4_weight(mlp.gate_up_proj), _int4_weight(mlp.down_proj)
+            entry.qkv, entry.o = _linear_weights(attention.qkv_proj), _linear_weights(attention.o_proj)
+            entry.gate_up, entry.down = _linear_weights(mlp.gate_up_proj), _linear_weights(mlp.down_proj)
             entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         # the structures hold raw pointers: the tensors behind them live as long as the model and caches
         self.kv_caches = kv_caches
 
     @classmethod
-    def build(cls, model: Transformer, kv_caches, block_size: int, kernels: CpuKernels) -> FusedInt4Decode | None:
-        def packed_int4(module) -> bool:
-            return isinstance(module, Int4Linear) and module.kernels is not None
+    def build(cls, model: Transformer, kv_caches, block_size: int, kernels: CpuKernels) -> FusedDecode | None:
+        def on_our_kernels(module) -> bool:
+            return isinstance(module, (Int4Linear, PackedLinear)) and module.kernels is not None
         for layer in model.layers:
             attention, mlp = layer.self_attn, layer.mlp
             if not (isinstance(attention, CpuAttention) and isinstance(mlp, CpuMLP)
                     and isinstance(layer.input_layernorm, CpuRMSNorm)
                     and isinstance(layer.post_attention_layernorm, CpuRMSNorm)
-                    and all(map(packed_int4, (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
+                    and all(map(on_our_kernels, (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
                                               mlp.down_proj)))):
                 return None
         if not all(k.is_contiguous() and v.is_contiguous() for k, v in kv_caches):
@@ -132,12 +133,14 @@ class FusedInt4Decode:
         model = self.model
         x = model.embed_tokens(token_ids).contiguous()  # (num_decodes, hidden), updated in place
         cos, signed_sin = model.rotary(positions, x.dtype)
-        self.kernels.int4_decode_layers(self.layers, self.shape, x, cos.contiguous(), signed_sin.contiguous(),
+        self.kernels.decode_layers(self.layers, self.shape, x, cos.contiguous(), signed_sin.contiguous(),
                                         meta.slot_mapping.contiguous(), meta.decode_block_tables.contiguous(),
                                         meta.decode_context_lens.contiguous())
         return model.lm_head(model.norm(x[logits_indices])).float()
 
 
-def _int4_weight(layer: Int4Linear) -> Int4Weight:
-    return Int4Weight(layer.weight.data_ptr(), layer.scales_and_zeros.data_ptr(), layer.out_features,
-                      layer.in_features, layer.group_size)
+def _linear_weights(layer: Int4Linear | PackedLinear) -> LinearWeights:
+    if isinstance(layer, PackedLinear):
+        return LinearWeights(layer.packed_weight.data_ptr(), None, layer.out_features, layer.in_features, 0, 1)
+    return LinearWeights(layer.weight.data_ptr(), layer.scales_and_zeros.data_ptr(), layer.out_features,
+                         layer.in_features, layer.group_size, 0)
