@@ -66,11 +66,15 @@ KERNEL_TARGET INLINE void int4_tile_1row(const uint16_t *x, int64_t K, const uin
             __m512bh x_lo = (__m512bh)_mm512_set1_epi32(xp[0]), x_hi = (__m512bh)_mm512_set1_epi32(xp[1]);
             __m512i v0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)wp));
             __m512i v1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + 32)));
-            /* 0xEA: (a & b) | c */
-            lo0 = _mm512_dpbf16_ps(lo0, (__m512bh)_mm512_ternarylogic_epi32(v0, nibble, bias, 0xEA), x_lo);
-            hi0 = _mm512_dpbf16_ps(hi0, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 4), nibble, bias, 0xEA), x_hi);
-            lo1 = _mm512_dpbf16_ps(lo1, (__m512bh)_mm512_ternarylogic_epi32(v1, nibble, bias, 0xEA), x_lo);
-            hi1 = _mm512_dpbf16_ps(hi1, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v1, 4), nibble, bias, 0xEA), x_hi);
+            /* 0xEA: (a & b) | c, the nibble as the bfloat16 number 128 + q */
+            __m512i low0 = _mm512_ternarylogic_epi32(v0, nibble, bias, 0xEA);
+            __m512i high0 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 4), nibble, bias, 0xEA);
+            __m512i low1 = _mm512_ternarylogic_epi32(v1, nibble, bias, 0xEA);
+            __m512i high1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v1, 4), nibble, bias, 0xEA);
+            lo0 = _mm512_dpbf16_ps(lo0, (__m512bh)low0, x_lo);
+            hi0 = _mm512_dpbf16_ps(hi0, (__m512bh)high0, x_hi);
+            lo1 = _mm512_dpbf16_ps(lo1, (__m512bh)low1, x_lo);
+            hi1 = _mm512_dpbf16_ps(hi1, (__m512bh)high1, x_hi);
         }
         const float *sz = szt + g * 64;
         __m512 group_sum = _mm512_set1_ps(xsum[g]);
@@ -561,9 +565,9 @@ KERNEL_TARGET int ms_decode_layers(const LayerWeights *layers, int64_t num_layer
                                    const int64_t *context_lens, int num_threads) {
     const int64_t H = shape->num_heads, KVH = shape->num_kv_heads, hd = shape->head_dim, hidden = shape->hidden;
     const int64_t heads = H + 2 * KVH;
-    uint16_t *normed = malloc(sizeof(uint16_t) * D * hidden), *qkv = malloc(sizeof(uint16_t) * D * heads * hd);
-    uint16_t *attended = malloc(sizeof(uint16_t) * D * H * hd), *delta = malloc(sizeof(uint16_t) * D * hidden);
-    uint16_t *gate_up = malloc(sizeof(uint16_t) * D * 2 * shape->inner), *act = malloc(sizeof(uint16_t) * D * shape->inner);
+    const size_t row = sizeof(uint16_t) * D;
+    uint16_t *normed = malloc(row * hidden), *qkv = malloc(row * heads * hd), *attended = malloc(row * H * hd);
+    uint16_t *delta = malloc(row * hidden), *gate_up = malloc(row * 2 * shape->inner), *act = malloc(row * shape->inner);
     int status = normed && qkv && attended && delta && gate_up && act ? 0 : -1;
     for (int64_t l = 0; l < num_layers && status == 0; l++) {
         const LayerWeights *layer = layers + l;
