@@ -50,8 +50,8 @@ class ModelRunner:
         if kernels is not None and use_cpu_layers(model, kernels):
             self.fused_decode = FusedDecode.build(model, self.kv_caches, block_size, kernels)
         # decode attention on our kernel, in place in the cache, where it takes this model and cache
-        self.attention_kernels = (kernels if kernels is not None and kernels.can_attend(
-            torch.empty(0, self.config.head_dim, dtype=self.dtype), self.kv_caches[0][0]) else None)
+        self.attention_kernels = (kernels if kernels is not None and kernels.can_attend(self.config.head_dim,
+                                                                                          self.dtype) else None)
         self.sampler = Sampler(seed)
         self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
         self.matchers: dict[int, GrammarMatcher] = {}  # per constrained sequence

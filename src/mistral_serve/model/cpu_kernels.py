@@ -180,12 +180,10 @@ class CpuKernels:
             raise MemoryError("the decode step could not allocate its scratch space")
 
     @staticmethod
-    def can_attend(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        """Whether `paged_decode_attention` takes these: bfloat16 on the CPU, head_dim a multiple of
-        32 up to 256."""
-        head_dim = q.shape[-1]
-        return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
-                and head_dim % 32 == 0 and head_dim <= 256)
+    def can_attend(head_dim: int, dtype: torch.dtype) -> bool:
+        """Whether `paged_decode_attention` takes heads of `head_dim` in `dtype`: bfloat16, head_dim a
+        multiple of 32 up to 256."""
+        return dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256
 
 
 # layouts (see cpu_kernels.c)

@@ -65,8 +65,8 @@ def can_use_cpu_layers(model: Transformer) -> bool:
     """bfloat16 on the CPU, projections fused (fused.py), and widths the kernels take."""
     config, weight = model.config, model.embed_tokens.weight
     layer = model.layers[0]
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and config.head_dim % 32 == 0
-            and config.head_dim <= 256 and config.hidden_size % 16 == 0 and config.intermediate_size % 16 == 0
+    return (weight.device.type == "cpu" and CpuKernels.can_attend(config.head_dim, weight.dtype)
+            and config.hidden_size % 16 == 0 and config.intermediate_size % 16 == 0
             and layer.self_attn.qkv_proj is not None and layer.mlp.gate_up_proj is not None)
 
 
