@@ -1,8 +1,10 @@
-"""CPU linear layers with their weight pre-packed once into the matmul library's blocked layout.
+"""CPU linear layers with their weight pre-packed once: into our bfloat16 kernel's layout
+(cpu_kernels.c) where it runs, else the matmul library's blocked layout.
 
 A plain bfloat16 `F.linear` on the CPU re-lays the weight out on every call (and takes a slow
 path for a single row); a weight packed once at start-up skips that, which roughly halves the
-time of a decode step's matmuls. Like quantization this is a module swap done after loading
+time of a decode step's matmuls; our kernel, which streams the weight once, makes one row another
+1.6-2x faster (16 rows: about the same). Like quantization this is a module swap done after loading
 (`pack_linears`); the model code does not know about it. float32 keeps `F.linear`: its kernel
 already reads the weight in place, and keeping it keeps float32 results bit-identical.
 """
@@ -29,8 +31,8 @@ def can_pack(weight: torch.Tensor) -> bool:
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight lives only in a packed layout: our bfloat16 kernel's
     (cpu_kernels.c, which streams the weight once at close to the memory's speed: one row of the
-    demo model's 3072x576 layer ~2x faster than the matmul library) where it runs, else the matmul
-    library's (opaque)."""
+    demo model's 3072x576 layer 161 against 261 us on the matmul library's, of a 14336x4096 layer
+    3.0 against 5.0 ms) where it runs, else the matmul library's (opaque)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
