@@ -25,7 +25,7 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
                         help="quantization at load time: int8 or int4 weights (int4: CPU), or w8a8, int8 weights "
-                             "and 8-bit activations (CPU; a little faster than int8, less precise)")
+                             "and 8-bit activations (CPU; faster than int8 for batches and prefill, less precise)")
     parser.add_argument("--threads", type=int, help="CPU threads for the model (default: $OMP_NUM_THREADS, else "
                                                     "every core)")
     parser.add_argument("--kv-cache-memory-mb", type=int, help="memory for the paged KV cache")

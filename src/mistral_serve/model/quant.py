@@ -1,7 +1,7 @@
 """Weight-only int8 and int4 quantization, in two verbs as in gpt-fast: quantize a weight, and
 swap the model's `nn.Linear`s for `Int8Linear`s or `Int4Linear`s. The model code knows nothing of
 either. On the CPU a packed `Int8Linear` multiplies in int8 on both sides, its inputs split into two
-int8 passes that keep about 16 bits; `W8A8Linear` keeps one pass (8 bits: less precise, a little faster).
+int8 passes that keep about 16 bits; `W8A8Linear` keeps one pass (8 bits: less precise, faster for batches).
 
 int8: each output row keeps its own scale (symmetric, absmax / 127), so a weight becomes
 `int8 (out, in)` plus `scales (out,)` and `weight ≈ int8 * scales[:, None]`.
@@ -60,11 +60,11 @@ class Int8Linear(nn.Module):
     layout of our int8 x int8 kernel (cpu_kernels.c; oneDNN's int8 matmul where ours cannot be
     built), which runs on the CPU's int8 dot-product instructions, and the plain copy is dropped.
     Each input row then goes in as int8 rows (`_quantize_rows`): with `input_passes = 2` (here) a
-    coarse row and the row of what the coarse one missed, so an input keeps about 16 bits (error at most 1/64516 of its row's largest feature;
-    bfloat16 itself keeps 8), while torch's weight-only kernel, the unpacked path, reads the whole
-    weight again for every few rows of a batch. Measured on a 2-core AVX-512 CPU, a 4096x28672 layer:
-    4.6 ms for one row on the weight-only kernel, 3-4 ms packed; 16 rows 12 ms on our kernel, 26 on
-    oneDNN's.
+    coarse row and the row of what the coarse one missed, so an input keeps about 16 bits (error at
+    most 1/64516 of its row's largest feature; bfloat16 itself keeps 8), while torch's weight-only
+    kernel, the unpacked path, reads the whole weight again for every few rows of a batch. Measured
+    on a 2-core AVX-512 CPU, a 4096x28672 layer: 4.6 ms for one row on the weight-only kernel, 3-4 ms
+    packed; 16 rows 12 ms on our kernel, 26 on oneDNN's.
     """
 
     input_passes = 2
@@ -145,7 +145,7 @@ class W8A8Linear(Int8Linear):
     """`Int8Linear` with inputs of a single int8 pass (CPU only, always packed): each input row keeps
     8 bits against its largest feature (symmetric, absmax / 127: a scale per token), so an input row
     with one outlier feature quantizes its other features coarsely. Its cost barely grows with the
-    rows of a batch, as the packed `Int8Linear`'s, and is a little lower (half the input rows).
+    rows of a batch, as the packed `Int8Linear`'s, and is lower for batches (half the input rows).
     Each row has its own scale, so a request's numbers never depend on the other requests in its
     batch. Its scales are float32: the kernel takes no other."""
 
