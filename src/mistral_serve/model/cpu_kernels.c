@@ -1,4 +1,6 @@
-/* Matmul kernels for quantized linear layers on AVX-512 CPUs (built and loaded by cpu_kernels.py).
+/* CPU kernels for AVX-512 machines with bfloat16 and int8 dot products (built and loaded by
+ * cpu_kernels.py): int4, int8 and bfloat16 matmuls, decode attention over the paged KV cache, the
+ * small per-layer ops, and a whole decode step.
  *
  * torch's CPU int4 kernel reads a decode step's weights at 15-19 GB/s on a machine whose memory
  * gives 50: it is bound by its own instructions, not by memory. These kernels read the weights

@@ -1,9 +1,10 @@
-"""Our CPU matmul kernels for quantized layers (cpu_kernels.c): built once with the machine's C
-compiler, cached, and called through ctypes.
+"""Our CPU kernels (cpu_kernels.c): int4, int8 and bfloat16 matmuls, decode attention over the
+paged cache, the small per-layer ops, and a whole decode step; built once with the machine's C
+compiler, cached, and called through ctypes (which lets go of the GIL during a call).
 
 They are an accelerator, never a requirement: where the library cannot be had (no C compiler, a CPU
-without AVX-512 bfloat16, not Linux on x86-64, or MISTRAL_SERVE_CPU_KERNELS=0) `load()` says why
-in the log and returns None, and the layers keep torch's own kernels.
+without AVX-512 bfloat16 and int8 dot products, not Linux on x86-64, or MISTRAL_SERVE_CPU_KERNELS=0)
+`load()` says why in the log and returns None, and the model keeps torch's own kernels.
 
 The library is cached under $XDG_CACHE_HOME/mistral-serve/kernels (~/.cache by default), named by
 a hash of its source, compiler and flags, so a changed source or compiler builds a new one. It
