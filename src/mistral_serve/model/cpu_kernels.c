@@ -41,6 +41,17 @@ static inline float bf16_to_float(uint16_t value) {
     return result;
 }
 
+/* sixteen bfloat16 numbers to float32, and back (rounded to nearest even, as torch rounds) */
+KERNEL_TARGET INLINE __m512 bf16x16_to_float(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+KERNEL_TARGET INLINE __m256i round_to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+KERNEL_TARGET INLINE void store_bf16x16(uint16_t *p, __m512 x) { _mm256_storeu_si256((__m256i *)p, round_to_bf16(x)); }
+/* x rounded to bfloat16 and widened again: where torch keeps a bfloat16 intermediate */
+KERNEL_TARGET INLINE __m512 bf16_round_trip(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_to_bf16(x)), 16));
+}
+
 /* ---- int4 weights, bfloat16 inputs ------------------------------------------------------------
  *
  * w: [N/32 tiles][K/4 quads][2 blocks][32 bytes]. In block b of tile t, byte j of quad p holds row
@@ -85,8 +96,8 @@ KERNEL_TARGET INLINE void int4_tile_1row(const uint16_t *x, int64_t K, const uin
         out1 = _mm512_fmadd_ps(_mm512_loadu_ps(sz + 16), _mm512_add_ps(lo1, hi1), out1);
         out1 = _mm512_fmadd_ps(_mm512_loadu_ps(sz + 48), group_sum, out1);
     }
-    _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(out0));
-    _mm256_storeu_si256((__m256i *)(y + 16), (__m256i)_mm512_cvtneps_pbh(out1));
+    store_bf16x16(y, out0);
+    store_bf16x16(y + 16, out1);
 }
 
 /* the same for four input rows at once: each weight is unpacked once for four rows */
@@ -124,7 +135,7 @@ KERNEL_TARGET INLINE void int4_tile_4rows(const uint16_t *x, int64_t K, const ui
     }
     for (int r = 0; r < 4; r++)
         for (int b = 0; b < 2; b++)
-            _mm256_storeu_si256((__m256i *)(y + r * N + 16 * b), (__m256i)_mm512_cvtneps_pbh(out[b][r]));
+            store_bf16x16(y + r * N + 16 * b, out[b][r]);
 }
 
 /* y (M, N) bfloat16 = x (M, K) bfloat16 @ dequantized(w)^T; K % G == 0, G % 4 == 0, N % 32 == 0.
@@ -265,7 +276,7 @@ KERNEL_TARGET int ms_int8_linear(const void *x, int64_t M, int64_t K, const int8
                     if (is_float32)
                         _mm512_storeu_ps((float *)y + at, o);
                     else
-                        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(o));
+                        store_bf16x16((uint16_t *)y + at, o);
                 }
         }
     }
@@ -297,10 +308,6 @@ KERNEL_TARGET INLINE __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_scalef_ps(p, n);
-}
-
-KERNEL_TARGET INLINE __m512 bf16x16_to_float(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 /* q: rows of H heads of hd, q_row_stride apart; out: (D, H, hd); caches: (blocks, block_size, KVH,
@@ -363,8 +370,7 @@ KERNEL_TARGET static void paged_decode_attention(const uint16_t *q, int64_t q_ro
         }
         __m512 inverse = _mm512_set1_ps(1.f / running_sum);
         for (int64_t j = 0; j < vectors; j++)
-            _mm256_storeu_si256((__m256i *)(out + item * hd + 16 * j),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[j], inverse)));
+            store_bf16x16(out + item * hd + 16 * j, _mm512_mul_ps(acc[j], inverse));
     }
 }
 
@@ -384,12 +390,6 @@ KERNEL_TARGET void ms_paged_decode_attention(const uint16_t *q, const uint16_t *
  * so they give the same numbers up to float32 rounding.
  */
 
-/* round float32 to bfloat16, to nearest even (as torch does) */
-KERNEL_TARGET INLINE __m256i round_to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-KERNEL_TARGET INLINE __m512 bf16_round_trip(__m512 x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(round_to_bf16(x)), 16));
-}
-
 /* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), rows of `dim` (dim % 16 == 0), bfloat16 */
 KERNEL_TARGET void ms_rms_norm(const uint16_t *x, int64_t rows, int64_t dim, const uint16_t *weight, float eps,
                                uint16_t *out, int num_threads) {
@@ -404,8 +404,7 @@ KERNEL_TARGET void ms_rms_norm(const uint16_t *x, int64_t rows, int64_t dim, con
         __m512 inverse = _mm512_set1_ps(1.f / __builtin_sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
         for (int64_t j = 0; j < dim; j += 16) {
             __m512 normed = bf16_round_trip(_mm512_mul_ps(bf16x16_to_float(row + j), inverse));
-            _mm256_storeu_si256((__m256i *)(out + r * dim + j),
-                                round_to_bf16(_mm512_mul_ps(bf16x16_to_float(weight + j), normed)));
+            store_bf16x16(out + r * dim + j, _mm512_mul_ps(bf16x16_to_float(weight + j), normed));
         }
     }
 }
@@ -425,7 +424,7 @@ KERNEL_TARGET void ms_silu_and_mul(const uint16_t *gate_up, int64_t rows, int64_
             /* g >= 0: g / (1 + e); g < 0: g * e / (1 + e) */
             __m512 silu = _mm512_div_ps(_mm512_mask_mul_ps(g, negative, g, e), _mm512_add_ps(one, e));
             __m512 product = _mm512_mul_ps(bf16_round_trip(silu), bf16x16_to_float(up + j));
-            _mm256_storeu_si256((__m256i *)(out + r * inner + j), round_to_bf16(product));
+            store_bf16x16(out + r * inner + j, product);
         }
     }
 }
@@ -447,8 +446,7 @@ KERNEL_TARGET void ms_rotary_and_cache(uint16_t *qkv, int64_t rows, int64_t H, i
                 const int64_t partner = j < half ? j + half : j - half; /* roll by half */
                 __m512 a = _mm512_mul_ps(bf16x16_to_float(x + j), bf16x16_to_float(cos + r * hd + j));
                 __m512 b = _mm512_mul_ps(bf16x16_to_float(x + partner), bf16x16_to_float(signed_sin + r * hd + j));
-                _mm256_storeu_si256((__m256i *)(rotated + j),
-                                    round_to_bf16(_mm512_add_ps(bf16_round_trip(a), bf16_round_trip(b))));
+                store_bf16x16(rotated + j, _mm512_add_ps(bf16_round_trip(a), bf16_round_trip(b)));
             }
             memcpy(x, rotated, hd * sizeof *x);
         }
@@ -480,8 +478,8 @@ KERNEL_TARGET INLINE void bf16_tile_1row(const uint16_t *x, int64_t K, const uin
         odd0 = _mm512_dpbf16_ps(odd0, (__m512bh)_mm512_loadu_si512(wp + 64), x1);
         odd1 = _mm512_dpbf16_ps(odd1, (__m512bh)_mm512_loadu_si512(wp + 96), x1);
     }
-    _mm256_storeu_si256((__m256i *)y, round_to_bf16(_mm512_add_ps(even0, odd0)));
-    _mm256_storeu_si256((__m256i *)(y + 16), round_to_bf16(_mm512_add_ps(even1, odd1)));
+    store_bf16x16(y, _mm512_add_ps(even0, odd0));
+    store_bf16x16(y + 16, _mm512_add_ps(even1, odd1));
 }
 
 /* four input rows: each 64 bytes of weights serve four rows */
@@ -503,7 +501,7 @@ KERNEL_TARGET INLINE void bf16_tile_4rows(const uint16_t *x, int64_t K, const ui
     }
     for (int r = 0; r < 4; r++)
         for (int b = 0; b < 2; b++)
-            _mm256_storeu_si256((__m256i *)(y + r * N + 16 * b), round_to_bf16(acc[b][r]));
+            store_bf16x16(y + r * N + 16 * b, acc[b][r]);
 }
 
 /* y (M, N) bfloat16 = x (M, K) bfloat16 @ w^T; K % 4 == 0, N % 32 == 0 */
@@ -547,8 +545,7 @@ typedef struct {
 /* x = bf16(x + delta), as torch adds bfloat16 tensors; n % 16 == 0 */
 KERNEL_TARGET static void add_in_place(uint16_t *x, const uint16_t *delta, int64_t n) {
     for (int64_t i = 0; i < n; i += 16)
-        _mm256_storeu_si256((__m256i *)(x + i), round_to_bf16(_mm512_add_ps(bf16x16_to_float(x + i),
-                                                                             bf16x16_to_float(delta + i))));
+        store_bf16x16(x + i, _mm512_add_ps(bf16x16_to_float(x + i), bf16x16_to_float(delta + i)));
 }
 
 KERNEL_TARGET static int linear_of(const uint16_t *x, int64_t rows, const LinearWeights *w, uint16_t *y,
@@ -569,7 +566,8 @@ KERNEL_TARGET int ms_decode_layers(const LayerWeights *layers, int64_t num_layer
     const int64_t heads = H + 2 * KVH;
     const size_t row = sizeof(uint16_t) * D;
     uint16_t *normed = malloc(row * hidden), *qkv = malloc(row * heads * hd), *attended = malloc(row * H * hd);
-    uint16_t *delta = malloc(row * hidden), *gate_up = malloc(row * 2 * shape->inner), *act = malloc(row * shape->inner);
+    uint16_t *delta = malloc(row * hidden), *gate_up = malloc(row * 2 * shape->inner);
+    uint16_t *act = malloc(row * shape->inner);
     int status = normed && qkv && attended && delta && gate_up && act ? 0 : -1;
     for (int64_t l = 0; l < num_layers && status == 0; l++) {
         const LayerWeights *layer = layers + l;
