@@ -1,5 +1,6 @@
 """Our CPU kernels (cpu_kernels.c): built here, checked against exact references and torch's kernels."""
 
+from contextlib import contextmanager
 import logging
 
 import pytest
@@ -33,16 +34,22 @@ def test_kernels_build_wherever_a_compiler_is():
     assert cpu_kernels._built_library().stat().st_size > 0
 
 
-def test_switched_off_by_the_environment(monkeypatch, caplog):
+@contextmanager
+def kernels_switched_off(monkeypatch):
+    """As a user turns them off: MISTRAL_SERVE_CPU_KERNELS=0 before anything loads them."""
     monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
     cpu_kernels.load.cache_clear()
     try:
-        with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
-            assert cpu_kernels.load() is None
-        assert "MISTRAL_SERVE_CPU_KERNELS turns them off" in caplog.text
+        yield
     finally:
         monkeypatch.delenv(cpu_kernels.DISABLE_VARIABLE)
         cpu_kernels.load.cache_clear()
+
+
+def test_switched_off_by_the_environment(monkeypatch, caplog):
+    with kernels_switched_off(monkeypatch), caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
+        assert cpu_kernels.load() is None
+    assert "MISTRAL_SERVE_CPU_KERNELS turns them off" in caplog.text
 
 
 def test_unpacking_inverts_torchs_int4_packing():
@@ -225,40 +232,40 @@ def test_cpu_layers_refuse_heads_the_kernels_do_not_take(tmp_path):
     assert not isinstance(model.norm, CpuRMSNorm)
 
 
+def greedy_steps(engine: LLMEngine) -> list[list[tuple[str, tuple[int, ...], list[float]]]]:
+    """Three prompts decoded greedily to 12 tokens: per step, each request's new tokens and their
+    logprobs."""
+    for index, length in enumerate((5, 23, 40)):
+        engine.add_request(str(index), list(range(3, 3 + length)),
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True))
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append([(delta.request_id, delta.token_ids, [entry.logprob for entry in delta.logprobs or ()])
+                      for delta in engine.step()])
+    return steps
+
+
+def tiny_engine(path, quantize: str | None = None) -> LLMEngine:
+    return LLMEngine(load_model(path, dtype=torch.bfloat16, quantize=quantize), ByteTokenizer(),
+                     EngineConfig(kv_cache_memory=8 << 20, block_size=16))
+
+
 @needs_kernels
 def test_engine_decodes_alike_with_and_without_the_kernels(tmp_path, monkeypatch):
     """Greedy decoding through the whole engine (paged decode attention, fused layers) against the
     torch path, on the same bfloat16 weights: the logprobs of each step's token agree."""
     path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config(vocab_size=ByteTokenizer.vocab_size))
-    prompts = [list(range(3, 3 + length)) for length in (5, 23, 40)]
-
-    def run() -> list[list[float]]:
-        engine = LLMEngine(load_model(path, dtype=torch.bfloat16), ByteTokenizer(),
-                           EngineConfig(kv_cache_memory=8 << 20, block_size=16))
-        for index, prompt in enumerate(prompts):
-            engine.add_request(str(index), prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                                  logprobs=True))
-        chosen: dict[str, list[float]] = {str(index): [] for index in range(len(prompts))}
-        tokens: dict[str, list[int]] = {str(index): [] for index in range(len(prompts))}
-        while engine.has_unfinished_requests():
-            for delta in engine.step():
-                tokens[delta.request_id] += delta.token_ids
-                chosen[delta.request_id] += [entry.logprob for entry in delta.logprobs or ()]
-        return tokens, chosen
-
-    with_kernels = run()
-    monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
-    cpu_kernels.load.cache_clear()
-    try:
-        without = run()
-    finally:
-        monkeypatch.delenv(cpu_kernels.DISABLE_VARIABLE)
-        cpu_kernels.load.cache_clear()
-    assert with_kernels[0] == without[0]
+    with_kernels = greedy_steps(tiny_engine(path))
+    with kernels_switched_off(monkeypatch):
+        without = greedy_steps(tiny_engine(path))
+    assert [[entry[:2] for entry in step] for step in with_kernels] == [[entry[:2] for entry in step]
+                                                                        for step in without]
     # the logits leave a bfloat16 layer, where one step of a logit between 4 and 8 is 0.03: measured
     # up to 0.052 apart (two steps), once in 36
-    for request_id, logprobs in with_kernels[1].items():
-        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(without[1][request_id]), atol=0.1, rtol=0)
+    logprobs = [logprob for step in with_kernels for *_, entry in step for logprob in entry]
+    expected = [logprob for step in without for *_, entry in step for logprob in entry]
+    assert len(logprobs) == 36
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected), atol=0.1, rtol=0)
 
 
 @needs_kernels
@@ -266,24 +273,10 @@ def test_engine_decodes_alike_with_and_without_the_kernels(tmp_path, monkeypatch
 def test_a_fused_decode_step_is_the_module_path_exactly(tmp_path, quantize):
     """The whole decoder stack in one call runs the modules' kernels in their order: the same bits."""
     path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config(vocab_size=ByteTokenizer.vocab_size))
-    prompts = [list(range(3, 3 + length)) for length in (5, 23, 40)]
-
-    def run(fused: bool):
-        engine = LLMEngine(load_model(path, dtype=torch.bfloat16, quantize=quantize), ByteTokenizer(),
-                           EngineConfig(kv_cache_memory=8 << 20, block_size=16))
-        assert engine.runner.fused_decode is not None
-        if not fused:
-            engine.runner.fused_decode = None
-        for index, prompt in enumerate(prompts):
-            engine.add_request(str(index), prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
-                                                                  logprobs=True))
-        steps = []
-        while engine.has_unfinished_requests():
-            steps.append([(delta.request_id, delta.token_ids, [entry.logprob for entry in delta.logprobs or ()])
-                          for delta in engine.step()])
-        return steps
-
-    assert run(fused=True) == run(fused=False)
+    fused, unfused = tiny_engine(path, quantize), tiny_engine(path, quantize)
+    assert fused.runner.fused_decode is not None
+    unfused.runner.fused_decode = None
+    assert greedy_steps(fused) == greedy_steps(unfused)
 
 
 @needs_kernels
