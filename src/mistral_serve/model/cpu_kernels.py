@@ -59,40 +59,25 @@ class CpuKernels:
     """The loaded library: one method per kernel, on CPU tensors."""
 
     def __init__(self, library: ctypes.CDLL):
-        self._int4_linear = library.ms_int4_linear
-        self._int4_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                      ctypes.c_int]
-        self._int4_linear.restype = ctypes.c_int
-        self._int8_linear = library.ms_int8_linear
-        self._int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-        self._int8_linear.restype = ctypes.c_int
-        self._paged_decode_attention = library.ms_paged_decode_attention
-        self._paged_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p] + [
-            ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-        self._paged_decode_attention.restype = None
-        self._rms_norm = library.ms_rms_norm
-        self._rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
-                                   ctypes.c_void_p, ctypes.c_int]
-        self._rms_norm.restype = None
-        self._silu_and_mul = library.ms_silu_and_mul
-        self._silu_and_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-        self._silu_and_mul.restype = None
-        self._rotary_and_cache = library.ms_rotary_and_cache
-        self._rotary_and_cache.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 5 + [
-            ctypes.c_int]
-        self._rotary_and_cache.restype = None
-        self._bf16_linear = library.ms_bf16_linear
-        self._bf16_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-        self._bf16_linear.restype = ctypes.c_int
-        self._decode_layers = library.ms_decode_layers
-        self._decode_layers.argtypes = [ctypes.POINTER(LayerWeights), ctypes.c_int64, ctypes.POINTER(DecoderShape),
-                                        ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-        self._decode_layers.restype = ctypes.c_int
+        pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+        def bind(name: str, restype, *argtypes):
+            function = getattr(library, name)
+            function.argtypes, function.restype = list(argtypes), restype
+            return function
+        # (…, num_threads): every kernel takes torch's thread count last
+        self._int4_linear = bind("ms_int4_linear", integer, pointer, size, size, pointer, pointer, size, size, pointer,
+                                 integer)
+        self._int8_linear = bind("ms_int8_linear", integer, pointer, size, size, pointer, pointer, pointer, size,
+                                 integer, pointer, integer, integer)
+        self._bf16_linear = bind("ms_bf16_linear", integer, pointer, size, size, pointer, size, pointer, integer)
+        self._paged_decode_attention = bind("ms_paged_decode_attention", None, pointer, pointer, pointer, pointer,
+                                            size, pointer, *[size] * 6, ctypes.c_float, pointer, integer)
+        self._rms_norm = bind("ms_rms_norm", None, pointer, size, size, pointer, ctypes.c_float, pointer, integer)
+        self._silu_and_mul = bind("ms_silu_and_mul", None, pointer, size, size, pointer, integer)
+        self._rotary_and_cache = bind("ms_rotary_and_cache", None, pointer, *[size] * 4, *[pointer] * 5, integer)
+        self._decode_layers = bind("ms_decode_layers", integer, ctypes.POINTER(LayerWeights), size,
+                                   ctypes.POINTER(DecoderShape), pointer, size, *[pointer] * 4, size, pointer, integer)
 
     def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
                     out_features: int) -> torch.Tensor:
@@ -105,7 +90,6 @@ class CpuKernels:
             raise MemoryError("the int4 kernel could not allocate its scratch space")
         return out
 
-
     def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
                     input_passes: int) -> torch.Tensor:
         """x: (rows, in) bfloat16 or float32, contiguous; weight from `int8_layout`, scales (out,) float32,
@@ -117,7 +101,6 @@ class CpuKernels:
                              x.dtype == torch.float32, torch.get_num_threads()):
             raise MemoryError("the int8 kernel could not allocate its scratch space")
         return out
-
 
     def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, sliding_window: int | None,
@@ -175,9 +158,9 @@ class CpuKernels:
         decode step's decoder stack in one call. cos, signed_sin: (num_decodes, head_dim); the rest as
         for `paged_decode_attention`; all contiguous."""
         if self._decode_layers(layers, len(layers), ctypes.byref(shape), x.data_ptr(), x.shape[0],
-                                    cos.data_ptr(), signed_sin.data_ptr(), slot_mapping.data_ptr(),
-                                    block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
-                                    torch.get_num_threads()):
+                               cos.data_ptr(), signed_sin.data_ptr(), slot_mapping.data_ptr(),
+                               block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+                               torch.get_num_threads()):
             raise MemoryError("the decode step could not allocate its scratch space")
 
     @staticmethod
@@ -189,15 +172,15 @@ class CpuKernels:
 
 # layouts (see cpu_kernels.c)
 
-INT8_TILE_ROWS = 32
-BF16_TILE_ROWS = 32
+# every kernel's weights lie in tiles of 32 output rows: out_features must be a multiple of it
+TILE_ROWS = 32
 
 
 def bf16_layout(weight: torch.Tensor) -> torch.Tensor:
     """bfloat16 (out, in) → the kernel's layout, (out / 32, in / 2, 2, 32): in each block of 16 rows,
     a pair of inputs of every row side by side. out must be a multiple of 32, in of 4."""
     out_features, in_features = weight.shape
-    tiles, pairs = out_features // BF16_TILE_ROWS, in_features // 2
+    tiles, pairs = out_features // TILE_ROWS, in_features // 2
     # (tile, block, row, pair, input of the pair) → (tile, pair, block, row, input)
     return weight.reshape(tiles, 2, 16, pairs, 2).permute(0, 3, 1, 2, 4).contiguous().reshape(tiles, pairs, 2, 32)
 
@@ -206,13 +189,12 @@ def int8_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 (out, in) → the kernel's layout (int8 (out / 32, in / 4, 2, 64)) and each row's sum
     (out,) int32. out must be a multiple of 32, in of 4."""
     out_features, in_features = weight.shape
-    tiles, quads = out_features // INT8_TILE_ROWS, in_features // 4
+    tiles, quads = out_features // TILE_ROWS, in_features // 4
     # (tile, block, row, quad, input of the quad) → (tile, quad, block, row, input)
     tiled = weight.reshape(tiles, 2, 16, quads, 4).permute(0, 3, 1, 2, 4).contiguous().reshape(tiles, quads, 2, 64)
     return tiled, weight.sum(dim=1, dtype=torch.int32)
 
 
-INT4_TILE_ROWS = 32
 # torch's CPU int4 layout packs rows in blocks of 64 (another layout, not read here, when the rows
 # are not a multiple of 64)
 TORCH_INT4_ROW_BLOCK = 64
@@ -225,7 +207,7 @@ def int4_layout(torch_packed: torch.Tensor, scales_and_zeros: torch.Tensor, grou
     (out / 32, groups, 4, 16)). out must be a multiple of 64."""
     out_features, in_features = torch_packed.shape[0], torch_packed.shape[1] * 2
     q = unpack_torch_int4(torch_packed)  # (out, in) uint8 in 0..15
-    tiles, blocks, quads = out_features // INT4_TILE_ROWS, INT4_TILE_ROWS // 16, in_features // 4
+    tiles, blocks, quads = out_features // TILE_ROWS, TILE_ROWS // 16, in_features // 4
     # (tile, block, row, quad, low/high nibble, column of the pair): q[4p + 2 * half + column]
     q = q.reshape(tiles, blocks, 16, quads, 2, 2)
     packed = q[..., 0, :] | (q[..., 1, :] << 4)  # (tile, block, row, quad, column)

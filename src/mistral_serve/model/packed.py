@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mistral_serve.model import cpu_kernels
-from mistral_serve.model.cpu_kernels import BF16_TILE_ROWS, bf16_layout
+from mistral_serve.model.cpu_kernels import TILE_ROWS, bf16_layout
 from mistral_serve.model.quant import Int4Linear, Int8Linear
 
 # the row count the packed layout is tuned for: a decode batch; other counts run on it too
@@ -39,7 +39,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         kernels = cpu_kernels.load()
-        self.kernels = (kernels if kernels is not None and self.out_features % BF16_TILE_ROWS == 0
+        self.kernels = (kernels if kernels is not None and self.out_features % TILE_ROWS == 0
                         and self.in_features % 4 == 0 else None)
         # a plain attribute, not a buffer: an opaque tensor has no storage to save, share or move
         self.packed_weight = (bf16_layout(weight.detach()) if self.kernels is not None

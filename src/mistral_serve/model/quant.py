@@ -20,7 +20,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from mistral_serve.model import cpu_kernels
-from mistral_serve.model.cpu_kernels import INT8_TILE_ROWS, TORCH_INT4_ROW_BLOCK, CpuKernels, int4_layout, int8_layout
+from mistral_serve.model.cpu_kernels import (TILE_ROWS, TORCH_INT4_ROW_BLOCK, CpuKernels, int4_layout,
+                                             int8_layout)
 
 # On CPU, torch's fused int8 kernel beats dequantize-then-matmul only for a few rows (decode
 # batches), not for prefill chunks.  Measured on an AVX-512 CPU, torch 2.13, a 4096x4096 layer:
@@ -84,7 +85,7 @@ class Int8Linear(nn.Module):
         return self.weight.device.type == "cpu" and (self._fits_our_kernel() or can_pack_int8())
 
     def _fits_our_kernel(self) -> bool:
-        return (self.out_features % INT8_TILE_ROWS == 0 and self.in_features % 4 == 0
+        return (self.out_features % TILE_ROWS == 0 and self.in_features % 4 == 0
                 and cpu_kernels.load() is not None)
 
     @torch.no_grad()
