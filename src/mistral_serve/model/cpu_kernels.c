@@ -63,11 +63,20 @@ KERNEL_TARGET INLINE __m512 bf16_round_trip(__m512 x) {
  * block 1, where weight = (128 + q) * scale + offset.
  */
 
-/* rows b0.. of tile `t`, one input row, two independent accumulators per block (the dot product's
- * latency, not its throughput, bounds a single chain) */
+/* a block's 32 bytes of one quad as bfloat16 numbers 128 + q: the low nibbles (inputs 4p, 4p + 1 of
+ * each row) and the high ones (4p + 2, 4p + 3) */
+KERNEL_TARGET INLINE void int4_block_as_bf16(const uint8_t *block, __m512bh *low, __m512bh *high) {
+    const __m512i nibble = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)block));
+    /* 0xEA: (a & b) | c */
+    *low = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias, 0xEA);
+    *high = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias, 0xEA);
+}
+
+/* one tile (32 rows) against one input row, two independent accumulators per block (the dot
+ * product's latency, not its throughput, bounds a single chain) */
 KERNEL_TARGET INLINE void int4_tile_1row(const uint16_t *x, int64_t K, const uint8_t *wt, const float *szt,
                                          int64_t G, const float *xsum, uint16_t *y) {
-    const __m512i nibble = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
     const int64_t groups = K / G, quads_per_group = G / 4;
     __m512 out0 = _mm512_setzero_ps(), out1 = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -77,17 +86,13 @@ KERNEL_TARGET INLINE void int4_tile_1row(const uint16_t *x, int64_t K, const uin
             _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 64), _MM_HINT_T0);
             const int32_t *xp = (const int32_t *)(x + 4 * p);
             __m512bh x_lo = (__m512bh)_mm512_set1_epi32(xp[0]), x_hi = (__m512bh)_mm512_set1_epi32(xp[1]);
-            __m512i v0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)wp));
-            __m512i v1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + 32)));
-            /* 0xEA: (a & b) | c, the nibble as the bfloat16 number 128 + q */
-            __m512i low0 = _mm512_ternarylogic_epi32(v0, nibble, bias, 0xEA);
-            __m512i high0 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 4), nibble, bias, 0xEA);
-            __m512i low1 = _mm512_ternarylogic_epi32(v1, nibble, bias, 0xEA);
-            __m512i high1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v1, 4), nibble, bias, 0xEA);
-            lo0 = _mm512_dpbf16_ps(lo0, (__m512bh)low0, x_lo);
-            hi0 = _mm512_dpbf16_ps(hi0, (__m512bh)high0, x_hi);
-            lo1 = _mm512_dpbf16_ps(lo1, (__m512bh)low1, x_lo);
-            hi1 = _mm512_dpbf16_ps(hi1, (__m512bh)high1, x_hi);
+            __m512bh low0, high0, low1, high1;
+            int4_block_as_bf16(wp, &low0, &high0);
+            int4_block_as_bf16(wp + 32, &low1, &high1);
+            lo0 = _mm512_dpbf16_ps(lo0, low0, x_lo);
+            hi0 = _mm512_dpbf16_ps(hi0, high0, x_hi);
+            lo1 = _mm512_dpbf16_ps(lo1, low1, x_lo);
+            hi1 = _mm512_dpbf16_ps(hi1, high1, x_hi);
         }
         const float *sz = szt + g * 64;
         __m512 group_sum = _mm512_set1_ps(xsum[g]);
@@ -103,7 +108,6 @@ KERNEL_TARGET INLINE void int4_tile_1row(const uint16_t *x, int64_t K, const uin
 /* the same for four input rows at once: each weight is unpacked once for four rows */
 KERNEL_TARGET INLINE void int4_tile_4rows(const uint16_t *x, int64_t K, const uint8_t *wt, const float *szt,
                                           int64_t G, const float *xsum, uint16_t *y, int64_t N) {
-    const __m512i nibble = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
     const int64_t groups = K / G, quads_per_group = G / 4;
     __m512 out[2][4];
     for (int r = 0; r < 4; r++) out[0][r] = out[1][r] = _mm512_setzero_ps();
@@ -114,9 +118,8 @@ KERNEL_TARGET INLINE void int4_tile_4rows(const uint16_t *x, int64_t K, const ui
             const uint8_t *wp = wt + p * 64;
             _mm_prefetch((const char *)(wp + PREFETCH_ITERATIONS * 64), _MM_HINT_T0);
             for (int b = 0; b < 2; b++) {
-                __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + 32 * b)));
-                __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, bias, 0xEA);
-                __m512bh hi = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, bias, 0xEA);
+                __m512bh lo, hi;
+                int4_block_as_bf16(wp + 32 * b, &lo, &hi);
                 for (int r = 0; r < 4; r++) {
                     const int32_t *xp = (const int32_t *)(x + r * K + 4 * p);
                     acc[b][r] = _mm512_dpbf16_ps(acc[b][r], lo, (__m512bh)_mm512_set1_epi32(xp[0]));
