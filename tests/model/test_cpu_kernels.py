@@ -52,6 +52,17 @@ def test_switched_off_by_the_environment(monkeypatch, caplog):
     assert "MISTRAL_SERVE_CPU_KERNELS turns them off" in caplog.text
 
 
+def test_tile_units_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")
+    cpu_kernels.load.cache_clear()
+    try:
+        kernels = cpu_kernels.load()
+        assert kernels is None or not kernels.amx
+    finally:
+        monkeypatch.delenv(cpu_kernels.AMX_VARIABLE)
+        cpu_kernels.load.cache_clear()
+
+
 def test_unpacking_inverts_torchs_int4_packing():
     q = torch.randint(0, 16, (128, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -327,3 +338,51 @@ def test_demo_model_on_the_kernels_is_as_close_to_float32_as_torchs_path(demo_pa
     ours_error = (next_token_logprobs(ours) - expected).abs().mean().item()
     torchs_error = (next_token_logprobs(torchs) - expected).abs().mean().item()
     assert ours_error < 0.1 and ours_error <= 1.25 * torchs_error
+
+
+needs_tile_units = pytest.mark.skipif(cpu_kernels.load() is None or not cpu_kernels.load().amx,
+                                      reason="this CPU has no tile units (AMX), or the OS does not lend them")
+
+
+def on_both_paths(run):
+    """run() on the tile units, then on the vector loops: (tiles' result, vector loops' result)."""
+    kernels = cpu_kernels.load()
+    on_tiles = run()
+    kernels.enable_amx(False)
+    try:
+        return on_tiles, run()
+    finally:
+        kernels.enable_amx(True)
+
+
+@needs_tile_units
+@pytest.mark.parametrize("num_rows", [8, 13, 16, 17, 40, 64])
+@pytest.mark.parametrize("input_passes", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_int8_on_the_tile_units_sums_exactly_what_the_vector_loops_do(num_rows, input_passes, dtype):
+    """Both sum the same int8 steps in int32 and scale them alike: the same numbers, bit for bit,
+    whatever the row count (padded to 16 on the tiles)."""
+    generator = torch.Generator().manual_seed(num_rows)
+    weight8, scales = quantize_int8(torch.randn(96, 320, generator=generator), scales_dtype=torch.float32)
+    tiled, sums = cpu_kernels.int8_layout(weight8)
+    x = (torch.randn(num_rows, 320, generator=generator) * 3).to(dtype)
+    on_tiles, on_vectors = on_both_paths(
+        lambda: cpu_kernels.load().int8_linear(x, tiled, scales, sums, input_passes))
+    assert torch.equal(on_tiles, on_vectors)
+
+
+@needs_tile_units
+@pytest.mark.parametrize("num_rows", [8, 13, 16, 17, 40, 64])
+def test_bfloat16_on_the_tile_units_is_as_exact_as_the_matmul_library(num_rows):
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(96, 320, generator=generator).bfloat16()
+    layer = PackedLinear(weight)
+    x = torch.randn(num_rows, 320, generator=generator).bfloat16()
+    exact = x.double() @ weight.double().t()
+    on_tiles, on_vectors = on_both_paths(lambda: layer(x))
+
+    def error(result):
+        return ((result.double() - exact).norm() / exact.norm()).item()
+    # exact products summed in float32, rounded once to bfloat16: as F.linear, as the vector loops
+    assert error(on_tiles) <= 1.02 * error(F.linear(x, weight)) + 1e-6
+    assert error(on_tiles) <= 1.02 * error(on_vectors) + 1e-6

@@ -16,12 +16,18 @@
  * torch's thread pool and thread count (`num_threads` is passed in, torch's own setting).
  */
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define KERNEL_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,fma")))
+/* the kernels that may also run on the tile units (AMX); they use them only where ms_enable_amx
+ * said they can */
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,fma,amx-tile,amx-int8,amx-bf16")))
 #define INLINE static inline __attribute__((always_inline))
 /* loop iterations: the weights are prefetched this far ahead of the loop (the hardware prefetcher
  * ramps up too slowly on short streams; measured best of 8, 16, 24 and 32 for both kernels) */
@@ -168,6 +174,93 @@ KERNEL_TARGET int ms_int4_linear(const uint16_t *x, int64_t M, int64_t K, const 
     return 0;
 }
 
+/* ---- the tile units (AMX), where the CPU has them ----------------------------------------------
+ *
+ * Intel's tile units multiply a 16x64-byte tile of inputs by a 16x64-byte tile of weights in one
+ * instruction: for 8 rows and more they do a matmul's arithmetic many times faster than the vector
+ * loops (prefill, and decode batches, which on one stream are bound by memory, not arithmetic).
+ * Our int8 and bfloat16 layouts are already what they read: one block of one quad (int8) or pair
+ * (bfloat16) is a tile row, 16 weight rows by 64 bytes, and the next quad's block lies 128 bytes
+ * on, so a weight tile is 16 quads (64 inputs) or 16 pairs (32 inputs) of one block, loaded with
+ * a stride of 128. Inputs are read 16 rows at a time; callers pad them to a multiple of 16 rows.
+ * Tiles 0-3: the sums of (16-row half h, block b) at 2h + b; 4-5: the inputs of each half; 6-7:
+ * the weights of each block.
+ */
+
+/* row counts from which the tile units beat the vector loops */
+#define AMX_MIN_ROWS 8
+#define AMX_ROWS 16
+
+static int amx_usable; /* set by ms_enable_amx */
+
+/* Turns the tile units on (wanted != 0) where the CPU has them and Linux lets this process use
+ * them, or off. Returns whether they are on. */
+int ms_enable_amx(int wanted) {
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    const unsigned amx_bits = (1u << 22) | (1u << 24) | (1u << 25); /* amx-bf16, amx-tile, amx-int8 */
+    unsigned eax, ebx, ecx, edx;
+    amx_usable = wanted && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & amx_bits) == amx_bits
+        /* Linux gives a process the tiles' state (8 KB per thread) only when it asks */
+        && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_usable;
+}
+
+/* the tile shapes, per thread: every tile 16 rows of 64 bytes */
+AMX_TARGET static void configure_tiles(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t bytes_per_row[16];
+        uint8_t rows[16];
+    } __attribute__((packed)) config = {.palette = 1};
+    for (int tile = 0; tile < 8; tile++) {
+        config.bytes_per_row[tile] = 64;
+        config.rows[tile] = AMX_ROWS;
+    }
+    _tile_loadconfig(&config);
+}
+
+AMX_TARGET INLINE void zero_sum_tiles(void) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
+
+/* the sums of `halves` (1 or 2) x 16 rows into sums[32][32], four-byte numbers (int32 or float32) */
+AMX_TARGET INLINE void store_sum_tiles(void *sums, int halves) {
+    const int64_t row_bytes = 32 * 4;
+    char *at = sums;
+    _tile_stored(0, at, row_bytes);
+    _tile_stored(1, at + 16 * 4, row_bytes);
+    if (halves == 2) {
+        _tile_stored(2, at + AMX_ROWS * row_bytes, row_bytes);
+        _tile_stored(3, at + AMX_ROWS * row_bytes + 16 * 4, row_bytes);
+    }
+}
+
+/* sums of `halves` (1 or 2) x 16 input rows of `row_bytes` against one weight tile (32 rows) into
+ * sums[32][32]: unsigned int8 steps by int8 weights into int32, or bfloat16 inputs by bfloat16
+ * weights into float32. In both layouts the weights for 64 bytes of input (16 quads, 16 pairs) are
+ * the next 2048 bytes of the tile. */
+AMX_TARGET INLINE void tile_sums_amx(const void *x, int64_t row_bytes, const void *wt, int halves, int is_bf16,
+                                     void *sums) {
+    const char *xb = x, *wb = wt;
+    zero_sum_tiles();
+    for (int64_t i = 0; i < row_bytes; i += 64) {
+        _tile_loadd(6, wb + 32 * i, 128);
+        _tile_loadd(7, wb + 32 * i + 64, 128);
+        _tile_loadd(4, xb + i, row_bytes);
+        if (halves == 2) _tile_loadd(5, xb + AMX_ROWS * row_bytes + i, row_bytes);
+        if (is_bf16) {
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            if (halves == 2) { _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); }
+        } else {
+            _tile_dpbusd(0, 4, 6);
+            _tile_dpbusd(1, 4, 7);
+            if (halves == 2) { _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7); }
+        }
+    }
+    store_sum_tiles(sums, halves);
+}
+
+static inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
 /* ---- int8 weights, int8 inputs ----------------------------------------------------------------
  *
  * Each input row is split into `passes` rows of int8 steps (as quant.py's _quantize_rows does): the
@@ -232,20 +325,26 @@ KERNEL_TARGET INLINE void int8_tile(const uint8_t *steps, int64_t K, const int8_
 /* y (M, N) = x (M, K) @ (w * w_scales)^T, x in `passes` int8 passes (1 or 2); x and y bfloat16, or
  * float32 where is_float32 says so; w_sums: each row's sum of weights. K % 4 == 0, N % 32 == 0.
  * Returns 0, or -1 out of memory. */
-KERNEL_TARGET int ms_int8_linear(const void *x, int64_t M, int64_t K, const int8_t *w, const float *w_scales,
-                                 const int32_t *w_sums, int64_t N, int passes, void *y, int is_float32,
-                                 int num_threads) {
+AMX_TARGET int ms_int8_linear(const void *x, int64_t M, int64_t K, const int8_t *w, const float *w_scales,
+                              const int32_t *w_sums, int64_t N, int passes, void *y, int is_float32,
+                              int num_threads) {
     const int64_t x_row_bytes = K * (is_float32 ? 4 : 2);
     const int64_t R = M * passes, tiles = N / 32;
-    uint8_t *steps = malloc((size_t)R * K);
+    const int amx = amx_usable && R >= AMX_MIN_ROWS && K % 64 == 0;
+    /* the tile units read 16 step rows at a time: zero rows pad the last 16 */
+    const int64_t padded_rows = amx ? round_up(R, AMX_ROWS) : R;
+    const int64_t rows_per_call = amx ? 2 * AMX_ROWS : 4;
+    uint8_t *steps = malloc((size_t)padded_rows * K);
     float *row_scales = malloc(sizeof(float) * R);
     float *out = malloc(sizeof(float) * M * N);
     if (steps == NULL || row_scales == NULL || out == NULL) {
         free(steps); free(row_scales); free(out);
         return -1;
     }
+    memset(steps + R * K, 0, (size_t)(padded_rows - R) * K);
     #pragma omp parallel num_threads(num_threads)
     {
+        if (amx) configure_tiles();
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
             quantize_row((const char *)x + m * x_row_bytes, is_float32, K, passes, steps + m * passes * K,
@@ -253,15 +352,18 @@ KERNEL_TARGET int ms_int8_linear(const void *x, int64_t M, int64_t K, const int8
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             const int8_t *wt = w + t * K * 32;
-            int32_t sums[4 * 32];
-            for (int64_t r0 = 0; r0 < R; r0 += 4) {
-                int rows = R - r0 < 4 ? (int)(R - r0) : 4;
-                switch (rows) { /* constant row counts: the accumulators stay in registers */
-                    case 4: int8_tile(steps + r0 * K, K, wt, 4, sums); break;
-                    case 3: int8_tile(steps + r0 * K, K, wt, 3, sums); break;
-                    case 2: int8_tile(steps + r0 * K, K, wt, 2, sums); break;
-                    default: int8_tile(steps + r0 * K, K, wt, 1, sums); break;
-                }
+            int32_t sums[2 * AMX_ROWS * 32];
+            for (int64_t r0 = 0; r0 < R; r0 += rows_per_call) {
+                int rows = R - r0 < rows_per_call ? (int)(R - r0) : (int)rows_per_call;
+                if (amx)
+                    tile_sums_amx(steps + r0 * K, K, wt, rows > AMX_ROWS ? 2 : 1, 0, sums);
+                else
+                    switch (rows) { /* constant row counts: the accumulators stay in registers */
+                        case 4: int8_tile(steps + r0 * K, K, wt, 4, sums); break;
+                        case 3: int8_tile(steps + r0 * K, K, wt, 3, sums); break;
+                        case 2: int8_tile(steps + r0 * K, K, wt, 2, sums); break;
+                        default: int8_tile(steps + r0 * K, K, wt, 1, sums); break;
+                    }
                 for (int r = 0; r < rows; r++) {
                     int64_t m = (r0 + r) / passes, pass = (r0 + r) % passes;
                     float *o = out + m * N + t * 32;
@@ -282,6 +384,7 @@ KERNEL_TARGET int ms_int8_linear(const void *x, int64_t M, int64_t K, const int8
                         store_bf16x16((uint16_t *)y + at, o);
                 }
         }
+        if (amx) _tile_release();
     }
     free(steps); free(row_scales); free(out);
     return 0;
@@ -507,9 +610,46 @@ KERNEL_TARGET INLINE void bf16_tile_4rows(const uint16_t *x, int64_t K, const ui
             store_bf16x16(y + r * N + 16 * b, acc[b][r]);
 }
 
-/* y (M, N) bfloat16 = x (M, K) bfloat16 @ w^T; K % 4 == 0, N % 32 == 0 */
-KERNEL_TARGET int ms_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
-                                 int num_threads) {
+/* ms_bf16_linear on the tile units */
+AMX_TARGET static int bf16_linear_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
+                                      uint16_t *y, int num_threads) {
+    /* the tile units read 16 input rows at a time: a copy padded with zero rows where M is not a
+     * multiple of 16 */
+    const int64_t padded_rows = round_up(M, AMX_ROWS);
+    uint16_t *padded = NULL;
+    if (padded_rows != M) {
+        padded = malloc(sizeof *padded * padded_rows * K);
+        if (padded == NULL) return -1;
+        memcpy(padded, x, sizeof *x * M * K);
+        memset(padded + M * K, 0, sizeof *x * (padded_rows - M) * K);
+        x = padded;
+    }
+    #pragma omp parallel num_threads(num_threads)
+    {
+        configure_tiles();
+        float sums[2 * AMX_ROWS * 32];
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < N / 32; t++) {
+            const uint16_t *wt = w + t * K * 32;
+            for (int64_t m0 = 0; m0 < M; m0 += 2 * AMX_ROWS) {
+                const int64_t rows = M - m0 < 2 * AMX_ROWS ? M - m0 : 2 * AMX_ROWS;
+                tile_sums_amx(x + m0 * K, K * sizeof *x, wt, rows > AMX_ROWS ? 2 : 1, 1, sums);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int b = 0; b < 2; b++)
+                        store_bf16x16(y + (m0 + r) * N + t * 32 + 16 * b, _mm512_loadu_ps(sums + r * 32 + 16 * b));
+            }
+        }
+        _tile_release();
+    }
+    free(padded);
+    return 0;
+}
+
+/* y (M, N) bfloat16 = x (M, K) bfloat16 @ w^T; K % 4 == 0, N % 32 == 0. Returns 0, or -1 when out
+ * of memory. */
+AMX_TARGET int ms_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                              int num_threads) {
+    if (amx_usable && M >= AMX_MIN_ROWS && K % 32 == 0) return bf16_linear_amx(x, M, K, w, N, y, num_threads);
     #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t t = 0; t < N / 32; t++) {
         const uint16_t *wt = w + t * K * 32;

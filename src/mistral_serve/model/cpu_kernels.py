@@ -4,7 +4,9 @@ compiler, cached, and called through ctypes (which lets go of the GIL during a c
 
 They are an accelerator, never a requirement: where the library cannot be had (no C compiler, a CPU
 without AVX-512 bfloat16 and int8 dot products, not Linux on x86-64, or MISTRAL_SERVE_CPU_KERNELS=0)
-`load()` says why in the log and returns None, and the model keeps torch's own kernels.
+`load()` says why in the log and returns None, and the model keeps torch's own kernels. On CPUs with
+tile units (Intel's AMX) the int8 and bfloat16 matmuls of 8 rows and more run on them
+(MISTRAL_SERVE_AMX=0 keeps them on the vector loops).
 
 The library is cached under $XDG_CACHE_HOME/mistral-serve/kernels (~/.cache by default), named by
 a hash of its source, compiler and flags, so a changed source or compiler builds a new one. It
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
 DISABLE_VARIABLE = "MISTRAL_SERVE_CPU_KERNELS"
+AMX_VARIABLE = "MISTRAL_SERVE_AMX"
 
 
 class LinearWeights(ctypes.Structure):
@@ -76,6 +79,8 @@ class CpuKernels:
         self._rms_norm = bind("ms_rms_norm", None, pointer, size, size, pointer, ctypes.c_float, pointer, integer)
         self._silu_and_mul = bind("ms_silu_and_mul", None, pointer, size, size, pointer, integer)
         self._rotary_and_cache = bind("ms_rotary_and_cache", None, pointer, *[size] * 4, *[pointer] * 5, integer)
+        self._enable_amx = bind("ms_enable_amx", integer, integer)
+        self.amx = False
         self._decode_layers = bind("ms_decode_layers", integer, ctypes.POINTER(LayerWeights), size,
                                    ctypes.POINTER(DecoderShape), pointer, size, *[pointer] * 4, size, pointer, integer)
 
@@ -147,8 +152,9 @@ class CpuKernels:
         """x: (rows, in) bfloat16, contiguous; weight from `bf16_layout`. Returns (rows, out) bfloat16."""
         rows, in_features = x.shape
         out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-        self._bf16_linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features, out.data_ptr(),
-                          torch.get_num_threads())
+        if self._bf16_linear(x.data_ptr(), rows, in_features, weight.data_ptr(), out_features, out.data_ptr(),
+                             torch.get_num_threads()):
+            raise MemoryError("the bfloat16 kernel could not allocate its scratch space")
         return out
 
     def decode_layers(self, layers, shape: DecoderShape, x: torch.Tensor, cos: torch.Tensor,
@@ -162,6 +168,12 @@ class CpuKernels:
                                block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
                                torch.get_num_threads()):
             raise MemoryError("the decode step could not allocate its scratch space")
+
+    def enable_amx(self, wanted: bool) -> bool:
+        """Lets the int8 and bfloat16 matmuls of 8 rows and more run on the tile units (AMX), or not;
+        returns whether they do: only where the CPU has them and the OS lets this process use them."""
+        self.amx = bool(self._enable_amx(int(wanted)))
+        return self.amx
 
     @staticmethod
     def can_attend(head_dim: int, dtype: torch.dtype) -> bool:
@@ -245,20 +257,27 @@ def load() -> CpuKernels | None:
             reason = f"building {SOURCE.name} failed: {str(detail).strip()[-2000:]}"
         else:
             if library.ms_cpu_supported():
-                return CpuKernels(library)
+                kernels = CpuKernels(library)
+                if kernels.enable_amx(not _switched_off(AMX_VARIABLE)):
+                    logger.info("CPU kernels: int8 and bfloat16 matmuls of 8 rows and more on the tile units (AMX)")
+                return kernels
             reason = "this CPU lacks AVX-512 with bfloat16 and int8 dot products"
     logger.info("CPU kernels not used (%s); torch's kernels run instead", reason)
     return None
 
 
 def _cannot_build() -> str | None:
-    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(DISABLE_VARIABLE):
         return f"{DISABLE_VARIABLE} turns them off"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"they are written for Linux on x86-64, not {sys.platform} on {platform.machine()}"
     if _compiler() is None:
         return "no C compiler found (set CC, or install gcc)"
     return None
+
+
+def _switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _compiler() -> str | None:
