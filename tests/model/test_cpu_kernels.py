@@ -356,7 +356,7 @@ def on_both_paths(run):
 
 
 @needs_tile_units
-@pytest.mark.parametrize("num_rows", [8, 13, 16, 17, 40, 64])
+@pytest.mark.parametrize("num_rows", [2, 3, 8, 13, 16, 17, 40, 64])
 @pytest.mark.parametrize("input_passes", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_int8_on_the_tile_units_sums_exactly_what_the_vector_loops_do(num_rows, input_passes, dtype):
@@ -372,7 +372,7 @@ def test_int8_on_the_tile_units_sums_exactly_what_the_vector_loops_do(num_rows, 
 
 
 @needs_tile_units
-@pytest.mark.parametrize("num_rows", [8, 13, 16, 17, 40, 64])
+@pytest.mark.parametrize("num_rows", [2, 3, 8, 13, 16, 17, 40, 64])
 def test_bfloat16_on_the_tile_units_is_as_exact_as_the_matmul_library(num_rows):
     generator = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(96, 320, generator=generator).bfloat16()

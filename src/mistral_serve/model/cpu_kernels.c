@@ -187,8 +187,10 @@ KERNEL_TARGET int ms_int4_linear(const uint16_t *x, int64_t M, int64_t K, const 
  * the weights of each block.
  */
 
-/* row counts from which the tile units beat the vector loops */
-#define AMX_MIN_ROWS 8
+/* the row count from which the tile units run: one row (a single stream's decode) is bound by memory
+ * either way; at 2 int8 rows they matched the vector loops, at 2 bfloat16 rows they read the
+ * weights once where the vector loops read them once per row; from 8 rows on they were 2-5x faster */
+#define AMX_MIN_ROWS 2
 #define AMX_ROWS 16
 
 static int amx_usable; /* set by ms_enable_amx */
