@@ -48,6 +48,12 @@ PEERS_VENV = REPOSITORY / ".venv-peers"
 LLAMA_SERVER = PEERS_VENV / "bin" / "llama-server"
 MISTRAL_SERVE = Path(sys.executable).with_name("mistral-serve")
 PEER_NAMES = ("llama-cpp-python", "llama-server", "transformers", "mistral-serve", "mistral-serve-int4")
+# ggml's AMX matmul dies with SIGILL on its first request on CPUs with tile units (a tile
+# instruction on a thread whose tiles it has not configured): there the llama.cpp peers run with
+# their extra buffer types off, on ggml's AVX-512 kernels
+_CPUINFO = Path("/proc/cpuinfo")
+_CPU_HAS_TILE_UNITS = _CPUINFO.exists() and "amx_int8" in _CPUINFO.read_text().split()
+_NO_AMX_NOTE = " (ggml's AMX kernels crash on this CPU: off)"
 READY_TIMEOUT_S = 900  # the 7B random model takes minutes to build on a small machine
 
 
@@ -77,12 +83,15 @@ def launch_llama_cpp_python(setup: Setup, port: int) -> Launch | str:
                            capture_output=True, text=True) if python.exists() else None
     if not found or found.returncode:
         return "not installed: run `make peers`"
-    return Launch([str(python), "-m", "llama_cpp.server", "--model", str(setup.gguf), "--model_alias", "demo",
+    # on CPUs with tile units its AMX kernels crash (see llama_cpp_python_server.py): kept off there
+    server = ([str(Path(__file__).with_name("llama_cpp_python_server.py"))] if _CPU_HAS_TILE_UNITS
+              else ["-m", "llama_cpp.server"])
+    return Launch([str(python), *server, "--model", str(setup.gguf), "--model_alias", "demo",
                    "--n_threads", str(setup.threads), "--n_threads_batch", str(setup.threads), "--n_ctx", "4096",
                    "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)],
                   "demo", {"min_tokens": setup.workload.output_tokens},
                   note=f"version {found.stdout.strip()}; requests are served one at a time; no usage in streams: "
-                       "tokens counted from chunks")
+                       f"tokens counted from chunks{_NO_AMX_NOTE if _CPU_HAS_TILE_UNITS else ''}")
 
 
 def launch_llama_server(setup: Setup, port: int) -> Launch | str:
@@ -91,9 +100,11 @@ def launch_llama_server(setup: Setup, port: int) -> Launch | str:
     slots = max((16, *setup.workload.concurrencies))
     context_per_slot = 2 * (setup.workload.prompt_tokens + setup.workload.output_tokens) + 128
     return Launch([str(LLAMA_SERVER), "-m", str(setup.gguf), "-t", str(setup.threads), "-np", str(slots),
-                   "-c", str(slots * context_per_slot), "--host", "127.0.0.1", "--port", str(port)],
+                   "-c", str(slots * context_per_slot), "--host", "127.0.0.1", "--port", str(port),
+                   *(["--no-repack"] if _CPU_HAS_TILE_UNITS else [])],
                   "demo", {"ignore_eos": True}, ready_path="/health",
-                  note=f"{slots} parallel slots of {context_per_slot} tokens")
+                  note=f"{slots} parallel slots of {context_per_slot} tokens"
+                       f"{'; --no-repack' + _NO_AMX_NOTE if _CPU_HAS_TILE_UNITS else ''}")
 
 
 def launch_transformers(setup: Setup, port: int) -> Launch | str:
