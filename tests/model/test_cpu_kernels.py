@@ -35,14 +35,15 @@ def test_kernels_build_wherever_a_compiler_is():
 
 
 @contextmanager
-def kernels_switched_off(monkeypatch):
-    """As a user turns them off: MISTRAL_SERVE_CPU_KERNELS=0 before anything loads them."""
-    monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
+def kernels_switched_off(monkeypatch, variable: str = cpu_kernels.DISABLE_VARIABLE):
+    """As a user turns them (or their use of the tile units) off: the variable set to 0 before
+    anything loads them."""
+    monkeypatch.setenv(variable, "0")
     cpu_kernels.load.cache_clear()
     try:
         yield
     finally:
-        monkeypatch.delenv(cpu_kernels.DISABLE_VARIABLE)
+        monkeypatch.delenv(variable)
         cpu_kernels.load.cache_clear()
 
 
@@ -53,14 +54,9 @@ def test_switched_off_by_the_environment(monkeypatch, caplog):
 
 
 def test_tile_units_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.AMX_VARIABLE, "0")
-    cpu_kernels.load.cache_clear()
-    try:
+    with kernels_switched_off(monkeypatch, cpu_kernels.AMX_VARIABLE):
         kernels = cpu_kernels.load()
         assert kernels is None or not kernels.amx
-    finally:
-        monkeypatch.delenv(cpu_kernels.AMX_VARIABLE)
-        cpu_kernels.load.cache_clear()
 
 
 def test_unpacking_inverts_torchs_int4_packing():

@@ -5,7 +5,7 @@ compiler, cached, and called through ctypes (which lets go of the GIL during a c
 They are an accelerator, never a requirement: where the library cannot be had (no C compiler, a CPU
 without AVX-512 bfloat16 and int8 dot products, not Linux on x86-64, or MISTRAL_SERVE_CPU_KERNELS=0)
 `load()` says why in the log and returns None, and the model keeps torch's own kernels. On CPUs with
-tile units (Intel's AMX) the int8 and bfloat16 matmuls of 8 rows and more run on them
+tile units (Intel's AMX) the int8 and bfloat16 matmuls of 2 rows and more run on them
 (MISTRAL_SERVE_AMX=0 keeps them on the vector loops).
 
 The library is cached under $XDG_CACHE_HOME/mistral-serve/kernels (~/.cache by default), named by
@@ -170,7 +170,7 @@ class CpuKernels:
             raise MemoryError("the decode step could not allocate its scratch space")
 
     def enable_amx(self, wanted: bool) -> bool:
-        """Lets the int8 and bfloat16 matmuls of 8 rows and more run on the tile units (AMX), or not;
+        """Lets the int8 and bfloat16 matmuls of 2 rows and more run on the tile units (AMX), or not;
         returns whether they do: only where the CPU has them and the OS lets this process use them."""
         self.amx = bool(self._enable_amx(int(wanted)))
         return self.amx
@@ -259,7 +259,7 @@ def load() -> CpuKernels | None:
             if library.ms_cpu_supported():
                 kernels = CpuKernels(library)
                 if kernels.enable_amx(not _switched_off(AMX_VARIABLE)):
-                    logger.info("CPU kernels: int8 and bfloat16 matmuls of 8 rows and more on the tile units (AMX)")
+                    logger.info("CPU kernels: int8 and bfloat16 matmuls of 2 rows and more on the tile units (AMX)")
                 return kernels
             reason = "this CPU lacks AVX-512 with bfloat16 and int8 dot products"
     logger.info("CPU kernels not used (%s); torch's kernels run instead", reason)
