@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mistral_serve.model.config import ModelConfig
-from mistral_serve.model.loader import find_demo_gguf, load_model
+from mistral_serve.model.checkpoints.loader import find_demo_gguf, load_model
 from mistral_serve.model.mistral import RMSNorm, Transformer
 from mistral_serve.model.quant import (Int8Linear, W8A8Linear, quantize_int8, swap_linears_for_int8,
                                       swap_linears_for_w8a8)

@@ -23,7 +23,7 @@ import torch
 from mistral_serve.engine.builder import load_engine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.engine.params import GuidedDecoding, SamplingParams
-from mistral_serve.model.loader import find_demo_gguf
+from mistral_serve.model.checkpoints.loader import find_demo_gguf
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 24},

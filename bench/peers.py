@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown servers: {', '.join(sorted(unknown))} (known: {', '.join(PEER_NAMES)})")
     gguf = None
     if not args.random_7b:
-        from mistral_serve.model.loader import find_demo_gguf
+        from mistral_serve.model.checkpoints.loader import find_demo_gguf
         gguf = (args.gguf or find_demo_gguf()).resolve()
     work_dir = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     setup = Setup(gguf, args.threads, workload, work_dir)

@@ -8,7 +8,7 @@ os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mistral-serve-tests-")
 
 import pytest  # noqa: E402
 
-from mistral_serve.model.loader import CheckpointError, find_demo_gguf  # noqa: E402
+from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf  # noqa: E402
 from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 import sentencepiece
 
-from mistral_serve.model.loader import CheckpointError, find_demo_gguf
+from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf
 from mistral_serve.tokenizer import (
     ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError, load_tokenizer, mistral_tool_call_id,
 )

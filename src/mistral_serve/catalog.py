@@ -58,7 +58,7 @@ def default_model_specs(cache_dir: str | os.PathLike | None = None) -> list[tupl
     """What `serve` serves when no --model is given: the demo model, then every known Mistral model
     found in the local Hugging Face cache (`cache_dir`, default: the usual one), each as (id, source).
     The lookup is offline: nothing is downloaded."""
-    from mistral_serve.model.loader import CheckpointError, resolve_checkpoint
+    from mistral_serve.model.checkpoints.loader import CheckpointError, resolve_checkpoint
 
     specs = [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
     for model_id in KNOWN_MODELS:

@@ -1,4 +1,4 @@
-"""Our CPU kernels (cpu_kernels.c): built here, checked against exact references and torch's kernels."""
+"""Our CPU kernels (cpu/kernels.c): built here, checked against exact references and torch's kernels."""
 
 from contextlib import contextmanager
 import logging
@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
-from mistral_serve.model import cpu_kernels
+from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, paged_attention
-from mistral_serve.model.cpu_kernels import unpack_torch_int4
-from mistral_serve.model.cpu_layers import CpuMLP, CpuRMSNorm, use_cpu_layers
+from mistral_serve.model.cpu.layouts import int8_layout, unpack_torch_int4
+from mistral_serve.model.cpu.layers import CpuMLP, CpuRMSNorm, use_cpu_layers
 from mistral_serve.model.fused import fuse_projections
-from mistral_serve.model.loader import load_model
-from mistral_serve.model.packed import PackedLinear, pack_linears
+from mistral_serve.model.checkpoints.loader import load_model
+from mistral_serve.model.cpu.packed import PackedLinear, pack_linears
 from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear, can_pack_int8, quantize_int4, quantize_int8
 from mistral_serve.tokenizer import load_tokenizer
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
@@ -360,7 +360,7 @@ def test_int8_on_the_tile_units_sums_exactly_what_the_vector_loops_do(num_rows, 
     whatever the row count (padded to 16 on the tiles)."""
     generator = torch.Generator().manual_seed(num_rows)
     weight8, scales = quantize_int8(torch.randn(96, 320, generator=generator), scales_dtype=torch.float32)
-    tiled, sums = cpu_kernels.int8_layout(weight8)
+    tiled, sums = int8_layout(weight8)
     x = (torch.randn(num_rows, 320, generator=generator) * 3).to(dtype)
     on_tiles, on_vectors = on_both_paths(
         lambda: cpu_kernels.load().int8_linear(x, tiled, scales, sums, input_passes))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mistral_serve.model.fused import fuse_projections, stack_linears
-from mistral_serve.model.loader import load_model
+from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from tests.checkpoints import tiny_llama_config, tiny_mistral_config, write_hf_checkpoint
 from tests.model.test_quant import prefill_logits

@@ -16,10 +16,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 import torch
 
-from mistral_serve.model import loader
+from mistral_serve.model.checkpoints import loader
 from mistral_serve.model.config import ModelConfig
-from mistral_serve.model.gguf_weights import GGUFCheckpoint
-from mistral_serve.model.loader import (DEMO_MODEL_ID, CheckpointError, load_model, read_config,
+from mistral_serve.model.checkpoints.gguf_checkpoint import GGUFCheckpoint
+from mistral_serve.model.checkpoints.loader import (DEMO_MODEL_ID, CheckpointError, load_model, read_config,
                                         resolve_checkpoint)
 from tests.checkpoints import (BF16, F16, Q4_0, Q4_1, Q8_0, hf_state_dict, random_hf_model,
                                tiny_llama_config, tiny_mistral_config, write_gguf_checkpoint,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mistral_serve.model.packed import PackedLinear, can_pack, pack_linears
+from mistral_serve.model.cpu.packed import PackedLinear, can_pack, pack_linears
 
 needs_packing = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)),
                                    reason="this CPU's matmul library has no native bfloat16 kernels")

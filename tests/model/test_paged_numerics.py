@@ -17,7 +17,7 @@ from mistral_serve.engine.runner import ModelRunner
 from mistral_serve.engine.scheduler import Scheduler
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.model.config import ModelConfig
-from mistral_serve.model.loader import load_model
+from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.mistral import Transformer
 from tests.checkpoints import (hf_state_dict, random_hf_model, tiny_llama_config, tiny_mistral_config,
                                write_gguf_checkpoint, write_hf_checkpoint, write_native_checkpoint)

@@ -6,8 +6,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
-from mistral_serve.model.loader import load_model
-from mistral_serve.model.packed import pack_linears
+from mistral_serve.model.checkpoints.loader import load_model
+from mistral_serve.model.cpu.packed import pack_linears
 from mistral_serve.model.quant import Int8Linear, W8A8Linear, can_pack_int8, quantize_int8, swap_linears_for_int8
 from tests.checkpoints import (hf_state_dict, tiny_llama_config, tiny_mistral_config, write_gguf_checkpoint,
                                write_hf_checkpoint)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_serve.model.fused import fuse_projections
-from mistral_serve.model.loader import load_model
+from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.quant import W8A8Linear, quantize_int8
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 from tests.model.test_quant import prefill_logits

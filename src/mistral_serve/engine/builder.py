@@ -9,7 +9,7 @@ import os
 import torch
 
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
-from mistral_serve.model.loader import load_model, resolve_checkpoint
+from mistral_serve.model.checkpoints.loader import load_model, resolve_checkpoint
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import load_tokenizer
 

@@ -14,13 +14,13 @@ from mistral_serve.engine.guided import GrammarMatcher, allocate_token_bitmask
 from mistral_serve.engine.scheduler import ScheduledSequence
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.engine.token_counts import TokenCounts
-from mistral_serve.model import cpu_kernels
+from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
-from mistral_serve.model.cpu_layers import FusedDecode, use_cpu_layers
+from mistral_serve.model.cpu.layers import FusedDecode, use_cpu_layers
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.mistral import Transformer
 from mistral_serve.model.fused import fuse_projections
-from mistral_serve.model.packed import pack_linears
+from mistral_serve.model.cpu.packed import pack_linears
 from mistral_serve.model.sampler import SampledToken, Sampler, SamplingRow
 
 

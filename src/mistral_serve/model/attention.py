@@ -4,7 +4,7 @@ The runner flattens one engine step into a single token dimension: first one tok
 decoding sequence, then the prefill chunks one after another. `AttentionMetadata` says where each
 token's key and value go in the cache and which cached positions each query may see.
 
-Decode on the CPU in bfloat16 runs our kernel (cpu_kernels.c), which reads each key and value in
+Decode on the CPU in bfloat16 runs our kernel (cpu/kernels.c), which reads each key and value in
 place from its cache block: nothing is gathered or copied. Elsewhere decode reads the cache through
 `DecodeLayout`, built once per step and shared by every layer: the flat cache slot of each visible
 key position of each decoding sequence, and a mask for padding and the sliding window. Each layer
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mistral_serve.model.cpu_kernels import CpuKernels
+from mistral_serve.model.cpu.kernels import CpuKernels
 
 
 @dataclass(frozen=True)

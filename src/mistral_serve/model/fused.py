@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_serve.model.cpu_kernels import TORCH_INT4_ROW_BLOCK
+from mistral_serve.model.cpu.layouts import TORCH_INT4_ROW_BLOCK
 from mistral_serve.model.quant import Int4Linear, Int8Linear
 
 

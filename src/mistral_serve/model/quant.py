@@ -19,9 +19,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mistral_serve.model import cpu_kernels
-from mistral_serve.model.cpu_kernels import (TILE_ROWS, TORCH_INT4_ROW_BLOCK, CpuKernels, int4_layout,
-                                             int8_layout)
+from mistral_serve.model.cpu import kernels as cpu_kernels
+from mistral_serve.model.cpu.kernels import CpuKernels
+from mistral_serve.model.cpu.layouts import TILE_ROWS, TORCH_INT4_ROW_BLOCK, int4_layout, int8_layout
 
 # On CPU, torch's fused int8 kernel beats dequantize-then-matmul only for a few rows (decode
 # batches), not for prefill chunks.  Measured on an AVX-512 CPU, torch 2.13, a 4096x4096 layer:
@@ -58,7 +58,7 @@ class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight and one scale per output feature.
 
     Packed (`pack`, CPU only; `pack_linears` does it after loading), the weight moves into the
-    layout of our int8 x int8 kernel (cpu_kernels.c; oneDNN's int8 matmul where ours cannot be
+    layout of our int8 x int8 kernel (cpu/kernels.c; oneDNN's int8 matmul where ours cannot be
     built), which runs on the CPU's int8 dot-product instructions, and the plain copy is dropped.
     Each input row then goes in as int8 rows (`_quantize_rows`): with `input_passes = 2` (here) a
     coarse row and the row of what the coarse one missed, so an input keeps about 16 bits (error at
@@ -260,7 +260,7 @@ class Int4Linear(nn.Module):
     """A bias-free linear layer with a packed int4 weight and a scale and offset per group of inputs.
 
     Packed (`pack`, CPU with bfloat16 scales; `pack_linears` does it after loading), the weight moves
-    into the layout of our own kernel (cpu_kernels.c), which reads a decode step's weights near the
+    into the layout of our own kernel (cpu/kernels.c), which reads a decode step's weights near the
     memory's speed where torch's int4 kernel is bound by its instructions: measured on a 2-core
     AVX-512 CPU, one row of a 3072x576 layer 27 against 53 us, of a 28672x4096 layer 1.3 against
     3.1 ms. Same numbers up to float32 rounding: the weights and bfloat16 inputs are multiplied

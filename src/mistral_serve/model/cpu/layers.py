@@ -1,4 +1,4 @@
-"""Decoder modules on our CPU kernels (cpu_kernels.c): RMSNorm, the rotary embedding with the KV-cache
+"""Decoder modules on our CPU kernels (cpu/kernels.c): RMSNorm, the rotary embedding with the KV-cache
 write, and SiLU-and-multiply each become one call instead of several torch ops.
 
 For one token of the demo model these small ops were a quarter of a decode step (RMSNorm alone is
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from mistral_serve.model.attention import AttentionMetadata, paged_attention
-from mistral_serve.model.cpu_kernels import CpuKernels, DecoderShape, LayerWeights, LinearWeights
+from mistral_serve.model.cpu.kernels import CpuKernels, DecoderShape, LayerWeights, LinearWeights
 from mistral_serve.model.mistral import MLP, Attention, RMSNorm, Transformer
-from mistral_serve.model.packed import PackedLinear
+from mistral_serve.model.cpu.packed import PackedLinear
 from mistral_serve.model.quant import Int4Linear
 
 

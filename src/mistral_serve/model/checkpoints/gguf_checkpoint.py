@@ -18,7 +18,7 @@ from gguf.quants import dequantize
 import numpy as np
 import torch
 
-from mistral_serve.model.checkpoint_io import (CheckpointError, CheckpointTensor, num_rotary_heads,
+from mistral_serve.model.checkpoints.files import (CheckpointError, CheckpointTensor, num_rotary_heads,
                                               reordered_for_rotary)
 from mistral_serve.model.config import ModelConfig
 

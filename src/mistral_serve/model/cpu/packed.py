@@ -1,5 +1,5 @@
 """CPU linear layers with their weight pre-packed once: into our bfloat16 kernel's layout
-(cpu_kernels.c) where it runs, else the matmul library's blocked layout.
+(cpu/kernels.c) where it runs, else the matmul library's blocked layout.
 
 A plain bfloat16 `F.linear` on the CPU re-lays the weight out on every call (and takes a slow
 path for a single row); a weight packed once at start-up skips that, which roughly halves the
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_serve.model import cpu_kernels
-from mistral_serve.model.cpu_kernels import TILE_ROWS, bf16_layout
+from mistral_serve.model.cpu import kernels as cpu_kernels
+from mistral_serve.model.cpu.layouts import TILE_ROWS, bf16_layout
 from mistral_serve.model.quant import Int4Linear, Int8Linear
 
 # the row count the packed layout is tuned for: a decode batch; other counts run on it too
@@ -30,7 +30,7 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight lives only in a packed layout: our bfloat16 kernel's
-    (cpu_kernels.c, which streams the weight once at close to the memory's speed: one row of the
+    (cpu/kernels.c, which streams the weight once at close to the memory's speed: one row of the
     demo model's 3072x576 layer 161 against 261 us on the matmul library's, of a 14336x4096 layer
     3.0 against 5.0 ms) where it runs, else the matmul library's (opaque)."""
 

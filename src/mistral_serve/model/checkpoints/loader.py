@@ -22,10 +22,10 @@ import huggingface_hub
 from huggingface_hub import constants as hub_constants
 import torch
 
-from mistral_serve.model.checkpoint_io import (CheckpointError, CheckpointTensor, SafetensorsFile,
+from mistral_serve.model.checkpoints.files import (CheckpointError, CheckpointTensor, SafetensorsFile,
                                               num_rotary_heads, read_json, reordered_for_rotary)
 from mistral_serve.model.config import ModelConfig
-from mistral_serve.model.gguf_weights import GGUFCheckpoint
+from mistral_serve.model.checkpoints.gguf_checkpoint import GGUFCheckpoint
 from mistral_serve.model.mistral import Transformer
 from mistral_serve.model.quant import (quantize_int4, quantize_int8, swap_linears_for_int4, swap_linears_for_int8,
                                       swap_linears_for_w8a8)

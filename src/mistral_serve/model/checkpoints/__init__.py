@@ -1,0 +1,1 @@
+"""Reading checkpoints: Hugging Face, Mistral native and GGUF files, into a `Transformer`."""

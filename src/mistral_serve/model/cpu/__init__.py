@@ -1,0 +1,1 @@
+"""Our CPU kernels (kernels.c), their bindings, and the layers and weight layouts built on them."""
