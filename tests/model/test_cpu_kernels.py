@@ -12,6 +12,7 @@ from mistral_serve.engine.params import SamplingParams
 from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, paged_attention
 from mistral_serve.model.cpu.layouts import int8_layout, unpack_torch_int4
+from mistral_serve.model.cpu.library import AMX_VARIABLE, DISABLE_VARIABLE
 from mistral_serve.model.cpu.layers import CpuMLP, CpuRMSNorm, use_cpu_layers
 from mistral_serve.model.fused import fuse_projections
 from mistral_serve.model.checkpoints.loader import load_model
@@ -25,26 +26,17 @@ from tests.model.test_quant import prefill_logits
 needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels cannot run here (see the log)")
 
 
-def test_kernels_build_wherever_a_compiler_is():
-    """Where a C compiler is found the library must build (a broken source must not pass as a quiet
-    fallback to torch's kernels); whether this CPU runs it is a separate question."""
-    reason = cpu_kernels._cannot_build()
-    if reason is not None:
-        pytest.skip(reason)
-    assert cpu_kernels._built_library().stat().st_size > 0
-
-
 @contextmanager
-def kernels_switched_off(monkeypatch, variable: str = cpu_kernels.DISABLE_VARIABLE):
+def kernels_switched_off(monkeypatch, variable: str = DISABLE_VARIABLE):
     """As a user turns them (or their use of the tile units) off: the variable set to 0 before
     anything loads them."""
     monkeypatch.setenv(variable, "0")
-    cpu_kernels.load.cache_clear()
+    cpu_kernels.forget_loaded()
     try:
         yield
     finally:
         monkeypatch.delenv(variable)
-        cpu_kernels.load.cache_clear()
+        cpu_kernels.forget_loaded()
 
 
 def test_switched_off_by_the_environment(monkeypatch, caplog):
@@ -54,7 +46,7 @@ def test_switched_off_by_the_environment(monkeypatch, caplog):
 
 
 def test_tile_units_switched_off_by_the_environment(monkeypatch):
-    with kernels_switched_off(monkeypatch, cpu_kernels.AMX_VARIABLE):
+    with kernels_switched_off(monkeypatch, AMX_VARIABLE):
         kernels = cpu_kernels.load()
         assert kernels is None or not kernels.amx
 

@@ -1,5 +1,5 @@
-/* CPU kernels for AVX-512 machines with bfloat16 and int8 dot products (built and loaded by
- * cpu_kernels.py): int4, int8 and bfloat16 matmuls, decode attention over the paged KV cache, the
+/* CPU kernels for AVX-512 machines with bfloat16 and int8 dot products (built when the package is
+ * installed, see build.py; declared in kernels.h; bound by kernels.py): int4, int8 and bfloat16 matmuls, decode attention over the paged KV cache, the
  * small per-layer ops, and a whole decode step.
  *
  * torch's CPU int4 kernel reads a decode step's weights at 15-19 GB/s on a machine whose memory
@@ -12,8 +12,10 @@
  *
  * Plain C with intrinsics, no torch headers: the library builds in well under a second. The
  * kernels carry their own target attributes, so `ms_cpu_supported` can run on any x86-64 CPU.
- * Parallel loops use OpenMP: linked against the libgomp torch has already loaded, they share
- * torch's thread pool and thread count (`num_threads` is passed in, torch's own setting).
+ * Parallel loops use OpenMP. The library needs libgomp.so.1, and torch's wheel ships a libgomp with
+ * that soname which is loaded first (kernels.py imports torch), so the dynamic linker binds ours to
+ * it: one OpenMP runtime, and the kernels, called from the thread that runs torch's ops, reuse that
+ * thread's OpenMP team (`num_threads` is passed in, torch's own setting). kernels.py checks it.
  */
 
 #include <cpuid.h>
@@ -24,6 +26,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "kernels.h"
+
 #define KERNEL_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,fma")))
 /* the kernels that may also run on the tile units (AMX); they use them only where ms_enable_amx
  * said they can */
@@ -32,6 +36,19 @@
 /* loop iterations: the weights are prefetched this far ahead of the loop (the hardware prefetcher
  * ramps up too slowly on short streams; measured best of 8, 16, 24 and 32 for both kernels) */
 #define PREFETCH_ITERATIONS 16
+
+#ifndef MS_SOURCE_ID /* given by the build (build.py) */
+#define MS_SOURCE_ID "unknown"
+#endif
+
+const char *ms_source_id(void) { return MS_SOURCE_ID; }
+
+int64_t ms_struct_size(const char *name) {
+    if (strcmp(name, "LinearWeights") == 0) return sizeof(LinearWeights);
+    if (strcmp(name, "LayerWeights") == 0) return sizeof(LayerWeights);
+    if (strcmp(name, "DecoderShape") == 0) return sizeof(DecoderShape);
+    return -1;
+}
 
 int ms_cpu_supported(void) {
     __builtin_cpu_init();
@@ -669,23 +686,6 @@ AMX_TARGET int ms_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uin
  * the step's ~300 small calls were ~40% of a decode step of the demo model. The same kernels, in
  * the order (and with the roundings) of the modules in cpu_layers.py.
  */
-
-typedef struct {
-    const void *weight; /* int4 or bfloat16, in the kernel's layout */
-    const float *scales_offsets; /* int4 only */
-    int64_t out_features, in_features, group_size, is_bf16;
-} LinearWeights;
-
-typedef struct {
-    const uint16_t *input_norm, *post_attention_norm;
-    LinearWeights qkv, o, gate_up, down;
-    uint16_t *k_cache, *v_cache;
-} LayerWeights;
-
-typedef struct {
-    int64_t hidden, inner, num_heads, num_kv_heads, head_dim, block_size, window;
-    float eps, scale;
-} DecoderShape;
 
 /* x = bf16(x + delta), as torch adds bfloat16 tensors; n % 16 == 0 */
 KERNEL_TARGET static void add_in_place(uint16_t *x, const uint16_t *delta, int64_t n) {
