@@ -19,6 +19,7 @@ from mistral_serve.db import crud
 from mistral_serve.db.migrations import upgrade_to_head
 from mistral_serve.db.session import create_db_engine, create_session_factory
 from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.builder import prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import ChatTemplateError
@@ -56,7 +57,8 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def make_engine(tiny_model):
     def make() -> LLMEngine:
-        return LLMEngine(tiny_model, ChatByteTokenizer(), EngineConfig(block_size=16, num_kv_blocks=128, seed=0))
+        return LLMEngine(prepare_model(tiny_model), ChatByteTokenizer(),
+                         EngineConfig(block_size=16, num_kv_blocks=128, seed=0))
     return make
 
 
