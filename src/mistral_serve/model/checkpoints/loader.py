@@ -1,4 +1,6 @@
-"""From a checkpoint to a ready `Transformer`: find it, read its config, load its weights.
+"""From a checkpoint to a loaded `Transformer`: find it, read its config, load its weights (converted
+to int8 or int4 as they are read, when asked). `prepare_for_inference` (model/prepare.py) then makes
+it fast to run.
 
 A checkpoint is one of
 - a Hugging Face directory: `config.json` + `model.safetensors` (or shards with an index),
