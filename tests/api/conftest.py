@@ -51,14 +51,14 @@ def _text(content) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    return reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH, vocab_size=256))[1]
+    """The tiny model, prepared for inference: what an engine takes."""
+    return prepare_model(reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH, vocab_size=256))[1])
 
 
 @pytest.fixture(scope="session")
 def make_engine(tiny_model):
     def make() -> LLMEngine:
-        return LLMEngine(prepare_model(tiny_model), ChatByteTokenizer(),
-                         EngineConfig(block_size=16, num_kv_blocks=128, seed=0))
+        return LLMEngine(tiny_model, ChatByteTokenizer(), EngineConfig(block_size=16, num_kv_blocks=128, seed=0))
     return make
 
 
