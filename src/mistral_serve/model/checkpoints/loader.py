@@ -305,8 +305,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
 def _quantized_storage(model: Transformer, quantize: str | None, dtype: torch.dtype) -> set[str]:
     """Give the linear layers to be quantized (on the meta model) the modules that store their int8 or
     int4 tensors, so the quantized tensors are assigned as they are made. Returns the layers' names."""
-    tied = model.config.tie_word_embeddings
-    exclude = {"lm_head"} if tied else ()
+    exclude = {"lm_head"} if model.config.tie_word_embeddings else ()
     if quantize == "int8":
         return swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
     if quantize == "w8a8":
