@@ -30,7 +30,7 @@ import time
 import psutil
 import torch
 
-from mistral_serve.engine.builder import available_cores
+from mistral_serve.engine.builder import available_cores, prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
 from engine_models import SETTINGS, ModelSetting, bytes_read_per_step, weight_bytes
@@ -220,8 +220,8 @@ def bench_model(setting: ModelSetting, args: argparse.Namespace, rng: random.Ran
         load_s = time.perf_counter() - start
     config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_memory=args.kv_cache_mb << 20, seed=args.seed)
-    read_bytes, total_bytes = bytes_read_per_step(model), weight_bytes(model)  # before the engine packs weights
-    engine = LLMEngine(model, tokenizer, config)
+    read_bytes, total_bytes = bytes_read_per_step(model), weight_bytes(model)  # before preparing packs weights
+    engine = LLMEngine(prepare_model(model), tokenizer, config)
     output_tokens = args.output_tokens or setting.default_output_tokens
     result = {
         "model": setting.name, "description": setting.description,

@@ -116,7 +116,7 @@ def launch_transformers(setup: Setup, port: int) -> Launch | str:
 def launch_mistral_serve(setup: Setup, port: int, quantize: str | None = None) -> Launch | str:
     import torch
 
-    from mistral_serve.engine.builder import resolve_dtype
+    from mistral_serve.model.precision import resolve_dtype
 
     data_dir = setup.work_dir / f"mistral-serve-{quantize or 'data'}"
     model = "smollm2-135m-instruct"

@@ -24,7 +24,7 @@ from engine_models import MISTRAL_7B_V03, TINY, build_random_model
 from mistral_serve.api.app import create_app
 from mistral_serve.cli import open_database
 from mistral_serve.engine.async_engine import AsyncEngine
-from mistral_serve.engine.builder import engine_config
+from mistral_serve.engine.builder import engine_config, prepare_model
 from mistral_serve.engine.engine import LLMEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import MistralCommonTokenizer
@@ -54,7 +54,7 @@ def main() -> None:
 
     def build() -> LLMEngine:
         model = build_random_model(SHAPES[args.shape], torch.bfloat16, quantize)
-        return LLMEngine(model, MistralCommonTokenizer.from_file(V3_TOKENIZER), engine_config(settings))
+        return LLMEngine(prepare_model(model), MistralCommonTokenizer.from_file(V3_TOKENIZER), engine_config(settings))
     engine = engine_thread.submit(build).result()
     app = create_app(settings, {MODEL_ID: AsyncEngine(engine, runs_on=engine_thread)}, open_database(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -19,6 +19,7 @@ from mistral_serve.db import crud
 from mistral_serve.db.migrations import upgrade_to_head
 from mistral_serve.db.session import create_db_engine, create_session_factory
 from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.builder import prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import ChatTemplateError
@@ -50,7 +51,8 @@ def _text(content) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    return reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH, vocab_size=256))[1]
+    """The tiny model, prepared for inference: what an engine takes."""
+    return prepare_model(reference_and_ours(mistral_config(max_position_embeddings=CONTEXT_LENGTH, vocab_size=256))[1])
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mistral_serve.engine.builder import prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.tokenizer import ChatTokenizer
@@ -61,10 +62,10 @@ def prompts(count, length=20):
 def test_preemption_under_a_tiny_kv_cache_gives_the_same_tokens_as_a_roomy_one(model):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     requests = [(f"r{i}", p, params) for i, p in enumerate(prompts(6))]
-    roomy = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=256))
+    roomy = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=256))
     expected, _, _ = run(roomy, requests)
     # 6 sequences growing to 44 tokens need 66 blocks; 24 forces preemption and recompute
-    tight = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=24,
+    tight = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=24,
                                                            max_num_batched_tokens=16))
     got, _, reasons = run(tight, requests)
     assert got == expected
@@ -74,7 +75,7 @@ def test_preemption_under_a_tiny_kv_cache_gives_the_same_tokens_as_a_roomy_one(m
 
 
 def test_a_prompt_that_fills_the_whole_cache_still_finishes_at_the_context_limit(model):
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=8))
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=8))
     assert engine.max_seq_len == 32
     tokens, _, reasons = run(engine, [("r", prompts(1, 30)[0], SamplingParams(temperature=0, ignore_eos=True))])
     assert len(tokens["r"]) == 2 and reasons["r"] == "length"
@@ -82,7 +83,7 @@ def test_a_prompt_that_fills_the_whole_cache_still_finishes_at_the_context_limit
 
 
 def test_text_deltas_add_up_to_the_decoded_output_and_abort_frees_blocks(model):
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
     tokens, text, _ = run(engine, [("r", prompts(1)[0], SamplingParams(temperature=0, max_tokens=16))])
     assert text["r"] == ByteTokenizer().decode(tokens["r"])
     engine.add_request("gone", prompts(1)[0], SamplingParams(temperature=0, max_tokens=100))
@@ -110,7 +111,7 @@ class FaultyModel:
 
 
 def faulty_engine(model):
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
     engine.runner.model = FaultyModel(engine.runner.model)
     return engine
 
@@ -123,7 +124,8 @@ def healthy_requests():
 
 
 def tokens_of_healthy_requests_alone(model) -> dict[str, list[int]]:
-    return run(LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128)), healthy_requests())[0]
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
+    return run(engine, healthy_requests())[0]
 
 
 def with_healthy_requests(engine: LLMEngine) -> LLMEngine:
@@ -168,7 +170,7 @@ def test_a_fault_that_does_not_recur_fails_nobody(model):
 
 def test_a_sampling_fault_leaves_a_seeded_request_drawing_what_it_would_have_drawn(model):
     expected = tokens_of_healthy_requests_alone(model)
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=128))
     sample = engine.runner.sampler
 
     def sample_then_fail_on_a_marked_row(logits, rows, *args):
@@ -204,7 +206,7 @@ def test_every_choice_of_an_n_request_streams_to_its_end_through_the_async_engin
 
     from mistral_serve.engine.async_engine import AsyncEngine
 
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
     runner = AsyncEngine(engine)
     runner.start()
 
@@ -234,7 +236,7 @@ def test_the_async_engine_runs_its_loop_on_the_thread_that_loaded_the_model_and_
 
     executor = ThreadPoolExecutor(max_workers=1)
     loading_thread = executor.submit(threading.get_ident).result()
-    engine = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
+    engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=64))
     stepping_threads = set()
     step = engine.step
     engine.step = lambda: stepping_threads.add(threading.get_ident()) or step()

@@ -13,7 +13,7 @@ import jsonschema
 import mistral_common
 import pytest
 
-from mistral_serve.engine.builder import load_engine
+from mistral_serve.engine.builder import load_engine, prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import GuidedDecoding, SamplingParams
 from mistral_serve.tokenizer import load_tokenizer
@@ -46,7 +46,7 @@ def engine(request, tmp_path_factory):
     if request.param == "hf":
         tokenizer = load_tokenizer(request.getfixturevalue("demo_path"))
         model = reference_and_ours(mistral_config(vocab_size=tokenizer.vocab_size + NUM_PADDING_IDS))[1]
-        return LLMEngine(model, tokenizer, config())
+        return LLMEngine(prepare_model(model), tokenizer, config())
     path, _ = write_hf_checkpoint(tmp_path_factory.mktemp("v3"), tiny_mistral_config(vocab_size=32768))
     shutil.copy(V3_TOKENIZER, path / "tokenizer.model.v3")
     return load_engine(str(path), config=config())
@@ -126,7 +126,7 @@ def test_preemption_and_recompute_do_not_feed_the_grammar_twice(engine):
                                                                          logit_bias={i: 1.0}, guided=guided))
                 for i in range(4)]
     expected = run(engine, requests)
-    tight = LLMEngine(engine.model, engine.tokenizer, config(block_size=4, num_kv_blocks=16,
+    tight = LLMEngine(engine.prepared, engine.tokenizer, config(block_size=4, num_kv_blocks=16,
                                                              max_num_batched_tokens=16))
     assert run(tight, requests) == expected
     assert tight.scheduler.num_preemptions > 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mistral_serve.engine.builder import prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.model.cpu import kernels as cpu_kernels
@@ -79,7 +80,7 @@ def test_packed_int4_is_as_exact_as_torchs_kernel(out_features, in_features, num
     weight = torch.randn(out_features, in_features, generator=generator)
     unpacked, packed = int4_layer(weight), int4_layer(weight)
     exact_weight = dequantized(unpacked)
-    packed.pack()
+    packed.pack(cpu_kernels.load())
     assert packed.kernels is not None and "packed for our kernel" in repr(packed)
     x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
     exact = x.double() @ exact_weight.t()
@@ -98,7 +99,7 @@ def test_packed_int4_keeps_leading_dimensions():
     layer = int4_layer(torch.randn(64, 128, generator=torch.Generator().manual_seed(3)))
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(4)).bfloat16()
     expected = layer(x)
-    layer.pack()
+    layer.pack(cpu_kernels.load())
     out = layer(x)
     assert out.shape == (2, 3, 64)
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=1e-2)
@@ -110,7 +111,7 @@ def test_packed_int4_model_gives_the_logits_of_torchs_kernel(tmp_path):
     token_ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(0))
     model = load_model(path, dtype=torch.bfloat16, quantize="int4")
     expected = prefill_logits(model, token_ids)
-    pack_linears(model)
+    pack_linears(model, cpu_kernels.load())
     layers = [module for module in model.modules() if isinstance(module, Int4Linear)]
     # the tiny model's k and v (32 rows) are off torch's 64-row block: they keep torch's kernel
     assert all((layer.kernels is not None) == (layer.out_features % 64 == 0) for layer in layers)
@@ -127,9 +128,8 @@ def int8_layers(kind, weight: torch.Tensor):
     ours, onednns = kind(weight.shape[1], weight.shape[0]), kind(weight.shape[1], weight.shape[0])
     for layer in (ours, onednns):
         layer.weight, layer.scales = weight8.clone(), scales.clone()
-    onednns._fits_our_kernel = lambda: False
-    ours.pack()
-    onednns.pack()
+    ours.pack(cpu_kernels.load())
+    onednns.pack(None)  # without our kernels: oneDNN's
     return ours, onednns
 
 
@@ -245,7 +245,7 @@ def greedy_steps(engine: LLMEngine) -> list[list[tuple[str, tuple[int, ...], lis
 
 
 def tiny_engine(path, quantize: str | None = None) -> LLMEngine:
-    return LLMEngine(load_model(path, dtype=torch.bfloat16, quantize=quantize), ByteTokenizer(),
+    return LLMEngine(prepare_model(load_model(path, dtype=torch.bfloat16, quantize=quantize)), ByteTokenizer(),
                      EngineConfig(kv_cache_memory=8 << 20, block_size=16))
 
 
@@ -283,7 +283,7 @@ def test_a_fused_decode_step_is_the_module_path_exactly(tmp_path, quantize):
 def test_our_bfloat16_kernel_is_as_exact_as_the_matmul_library(num_rows):
     generator = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(96, 256, generator=generator).bfloat16()
-    layer = PackedLinear(weight)
+    layer = PackedLinear(weight, cpu_kernels.load())
     assert layer.kernels is not None
     x = torch.randn(num_rows, 256, generator=generator).bfloat16()
     exact = x.double() @ weight.double().t()
@@ -308,7 +308,7 @@ def test_demo_model_on_the_kernels_is_as_close_to_float32_as_torchs_path(demo_pa
     fuse_projections(torchs)
     ours = load_model(demo_path, dtype=torch.bfloat16, quantize="int4")
     fuse_projections(ours)
-    pack_linears(ours)
+    pack_linears(ours, cpu_kernels.load())
     assert use_cpu_layers(ours, cpu_kernels.load()) and ours.lm_head.kernels is not None
     reference = load_model(demo_path, dtype=torch.float32)
     for name, layer in torchs.named_modules():
@@ -364,7 +364,7 @@ def test_int8_on_the_tile_units_sums_exactly_what_the_vector_loops_do(num_rows, 
 def test_bfloat16_on_the_tile_units_is_as_exact_as_the_matmul_library(num_rows):
     generator = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(96, 320, generator=generator).bfloat16()
-    layer = PackedLinear(weight)
+    layer = PackedLinear(weight, cpu_kernels.load())
     x = torch.randn(num_rows, 320, generator=generator).bfloat16()
     exact = x.double() @ weight.double().t()
     on_tiles, on_vectors = on_both_paths(lambda: layer(x))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mistral_serve.engine.block_manager import BlockManager
+from mistral_serve.engine.builder import prepare_model
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner
 from mistral_serve.engine.scheduler import Scheduler
@@ -65,7 +66,7 @@ def run_teacher_forced(model, sequences_with_arrival, *, block_size=4, num_block
     logits per position, taken from whichever step fed that position."""
     bm = BlockManager(num_blocks, block_size)
     scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget, eos_token_ids=frozenset())
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, eos_token_ids=frozenset())
+    runner = ModelRunner(prepare_model(model), num_blocks=num_blocks, block_size=block_size, eos_token_ids=frozenset())
     pending = sorted(sequences_with_arrival, key=lambda item: item[0])
     seqs, logits_by_seq, step, saw_mixed = [], {}, 0, False
     while pending or scheduler.num_unfinished:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
 from mistral_serve.model.checkpoints.loader import load_model
+from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.cpu.packed import pack_linears
 from mistral_serve.model.quant import Int8Linear, W8A8Linear, can_pack_int8, quantize_int8, swap_linears_for_int8
 from tests.checkpoints import (hf_state_dict, tiny_llama_config, tiny_mistral_config, write_gguf_checkpoint,
@@ -90,7 +91,7 @@ def test_packed_int8_linear_keeps_its_inputs_to_about_16_bits(rows):
         layer = _int8_linear(weight, torch.float32) if kind is Int8Linear else kind(128, 96)
         layer.weight, layer.scales = quantize_int8(weight)
         expected = F.linear(x, layer.weight.float() * layer.scales[:, None])  # exact inputs, same int8 weight
-        layer.pack()
+        layer.pack(cpu_kernels.load())
         assert layer.packed_weight is not None and layer.weight.numel() == 0  # no second copy of the weight
         out = layer(x)
         assert out.shape == (2, rows, 96) and out.dtype == torch.float32
@@ -158,7 +159,7 @@ def test_int8_model_logits(tmp_path, make_config):
     assert (int8_logits - float_logits).norm() < INT8_LOGITS_RELATIVE_TOLERANCE * float_logits.norm()
     if can_pack_int8():  # as the engine runs it on a CPU: int8 inputs in two passes
         packed = load_model(path, quantize="int8")
-        pack_linears(packed)
+        pack_linears(packed, cpu_kernels.load())
         assert isinstance(packed.layers[0].mlp.down_proj.packed_weight, torch.Tensor)
         packed_logits = prefill_logits(packed, token_ids)
         assert (packed_logits - dequantized_logits).abs().max() < PACKED_LOGITS_TOLERANCE

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mistral_serve.model.cpu import kernels as cpu_kernels
+from mistral_serve.model.cpu.packed import pack_linears
 from mistral_serve.model.fused import fuse_projections
 from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.quant import W8A8Linear, quantize_int8
@@ -31,6 +33,7 @@ def test_w8a8_linear_equals_the_float_reference_of_the_same_rounding(rows, dtype
     generator = torch.Generator().manual_seed(rows)
     layer = w8a8_layer(torch.randn(96, 128, generator=generator))
     weight, scales = layer.weight.clone(), layer.scales.clone()
+    layer.pack(cpu_kernels.load())  # a W8A8 layer runs packed only
     x = torch.randn(2, rows, 128, generator=generator).to(dtype)
     x[0, 0, 5] = 40.0  # an outlier: its row gets a coarse scale, the other rows keep theirs
     out = layer(x)
@@ -46,12 +49,14 @@ def test_a_w8a8_model_stays_near_the_float_model_and_fuses_without_change(tmp_pa
     token_ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(0))
     model = load_model(path, quantize="w8a8")
     assert isinstance(model.layers[0].mlp.down_proj, W8A8Linear)
+    pack_linears(model, cpu_kernels.load())  # a W8A8 layer runs packed only
     float_logits = prefill_logits(load_model(path), token_ids)
     w8a8_logits = prefill_logits(model, token_ids)
     # int8 weights and inputs against float32, through these random 2-layer models: measured ~4%
     assert (w8a8_logits - float_logits).norm() < 0.1 * float_logits.norm()
     fused = load_model(path, quantize="w8a8")
-    fuse_projections(fused)  # as the engine does, before its first run packs the weights
+    fuse_projections(fused)  # as preparing the model does, before it packs the weights
+    pack_linears(fused, cpu_kernels.load())
     assert isinstance(fused.layers[0].self_attn.qkv_proj, W8A8Linear)
     torch.testing.assert_close(prefill_logits(fused, token_ids), w8a8_logits, atol=1e-4, rtol=1e-4)
 

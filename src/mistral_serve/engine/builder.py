@@ -1,19 +1,25 @@
-"""Settings → a ready LLMEngine: pick the device, dtype and CPU threads, size the KV cache, load the
-checkpoint."""
+"""Settings → a ready LLMEngine: pick the device, dtype and CPU threads, load the checkpoint and
+prepare the model for inference (with our CPU kernels, fetched here only), size the KV cache."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+import logging
 import os
 
 import torch
 
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.model.checkpoints.loader import load_model, resolve_checkpoint
+from mistral_serve.model.cpu import kernels as cpu_kernels
+from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.precision import resolve_dtype
+from mistral_serve.model.prepare import prepare_for_inference
+from mistral_serve.model.prepared import PreparedModel
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,20 +29,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for, but this machine has no CUDA device")
     return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 (the dtype Mistral's weights are published in) on CUDA and on CPUs with native
-    bfloat16 matmuls (AVX512-BF16, AMX); float32 on other CPUs, where bfloat16 is emulated and slow."""
-    if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bfloat16()):
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
-
-def cpu_has_native_bfloat16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def available_cores() -> int:
@@ -71,7 +63,18 @@ def load_engine(source: str, *, dtype: torch.dtype = torch.float32, device: str 
     """Load a checkpoint (a path, a Hugging Face id from the local cache, or "demo") into an engine."""
     path = resolve_checkpoint(source, allow_download=allow_download)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize)
-    return LLMEngine(model, load_tokenizer(path), config)
+    return LLMEngine(prepare_model(model), load_tokenizer(path), config)
+
+
+def prepare_model(model: Transformer) -> PreparedModel:
+    """`prepare_for_inference` on the device the model was loaded on, with our CPU kernels there
+    (built on first use; None where they cannot run)."""
+    device = model.embed_tokens.weight.device
+    kernels = cpu_kernels.load() if device.type == "cpu" else None
+    prepared = prepare_for_inference(model, device, kernels)
+    logger.info("model ready on %s, %s: %s", device, str(prepared.dtype).removeprefix("torch."),
+                prepared.kernel_path)
+    return prepared
 
 
 def build_engine(settings: Settings) -> LLMEngine:

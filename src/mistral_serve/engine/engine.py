@@ -16,7 +16,7 @@ from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
 from mistral_serve.engine.scheduler import ScheduledSequence, Scheduler
 from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from mistral_serve.engine.text_stream import TextStream
-from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.prepared import PreparedModel
 from mistral_serve.model.sampler import SampledToken
 from mistral_serve.detokenizer import IncrementalDetokenizer
 
@@ -76,14 +76,15 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer, config: EngineConfig = EngineConfig()):
-        self.model = model
+    def __init__(self, prepared: PreparedModel, tokenizer, config: EngineConfig = EngineConfig()):
+        """`prepared`: a model as `prepare_for_inference` returns it (engine/builder.py loads and prepares)."""
+        self.prepared = prepared
+        self.model = prepared.model
         self.tokenizer = tokenizer
         self.config = config
-        model_config = model.config
-        dtype = model.embed_tokens.weight.dtype
+        model_config = prepared.config
         num_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_memory // kv_cache_bytes_per_block(model_config, config.block_size, dtype))
+            1, config.kv_cache_memory // kv_cache_bytes_per_block(model_config, config.block_size, prepared.dtype))
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
         # a sequence may never need more blocks than exist, or it could not run even alone
@@ -92,7 +93,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=eos)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size,
+        self.runner = ModelRunner(prepared, num_blocks=num_blocks, block_size=config.block_size,
                                   eos_token_ids=eos, seed=config.seed)
         self.grammars = GrammarCompilerCache(tokenizer, model_config.vocab_size)
         self.requests: dict[str, _Request] = {}

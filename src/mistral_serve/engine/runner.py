@@ -1,6 +1,7 @@
 """ModelRunner: the one place where the scheduler's Python lists become tensors.
 
-It owns the KV cache, lays one step out as a flat token batch (decodes first, then prefill
+It runs a model already made ready by `prepare_for_inference` (model/prepare.py), and rewrites
+nothing. It owns the KV cache, lays one step out as a flat token batch (decodes first, then prefill
 chunks), runs the model and the sampler, and hands back one token per sequence that samples.
 A sequence with a grammar matcher (constrained decoding) gets its row of the token bitmask filled
 before sampling, and its sampled token fed to the matcher after.
@@ -14,13 +15,9 @@ from mistral_serve.engine.guided import GrammarMatcher, allocate_token_bitmask
 from mistral_serve.engine.scheduler import ScheduledSequence
 from mistral_serve.engine.sequence import Sequence
 from mistral_serve.engine.token_counts import TokenCounts
-from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.attention import AttentionMetadata, PrefillChunk, decode_layout
-from mistral_serve.model.cpu.layers import FusedDecode, use_cpu_layers
 from mistral_serve.model.config import ModelConfig
-from mistral_serve.model.mistral import Transformer
-from mistral_serve.model.fused import fuse_projections
-from mistral_serve.model.cpu.packed import pack_linears
+from mistral_serve.model.prepared import PreparedModel
 from mistral_serve.model.sampler import SampledToken, Sampler, SamplingRow
 
 
@@ -30,28 +27,19 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, *, num_blocks: int, block_size: int, eos_token_ids: frozenset[int],
-                 seed: int | None = None):
-        self.model = model
-        self.config = model.config
+    def __init__(self, prepared: PreparedModel, *, num_blocks: int, block_size: int,
+                 eos_token_ids: frozenset[int], seed: int | None = None):
+        self.model = prepared.model
+        self.config = prepared.config
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = model.embed_tokens.weight.dtype
-        fuse_projections(model)  # the runner is the model's only user from here on
-        pack_linears(model)
+        self.device, self.dtype = prepared.device, prepared.dtype
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.config.num_layers)]
-        kernels = cpu_kernels.load() if self.device.type == "cpu" else None
-        self.fused_decode = None  # a decode-only step in one kernel call, where the model allows it
-        if kernels is not None and use_cpu_layers(model, kernels):
-            self.fused_decode = FusedDecode.build(model, self.kv_caches, block_size, kernels)
-        # decode attention on our kernel, in place in the cache, where it takes this model and cache
-        self.attention_kernels = (kernels if kernels is not None and kernels.can_attend(self.config.head_dim,
-                                                                                          self.dtype) else None)
+        self.fused_decode = prepared.fused_decode
+        self.attention_kernels = prepared.attention_kernels
         self.sampler = Sampler(seed)
         self.generators: dict[int, torch.Generator] = {}  # per seeded sequence
         self.matchers: dict[int, GrammarMatcher] = {}  # per constrained sequence
@@ -66,10 +54,10 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch[i].num_new_tokens != 1)
         items = [batch[i] for i in order]
         token_ids, positions, meta, logits_indices = self.prepare_inputs(items)
-        if self.fused_decode is not None and not meta.prefills and self.fused_decode.model is self.model:
-            logits = self.fused_decode(token_ids, positions, meta, logits_indices)
-        else:
-            logits = self.model(token_ids, positions, self.kv_caches, meta, logits_indices)
+        # the fused step only while it runs the runner's model (tests wrap the model to inject faults)
+        uses_fused = self.fused_decode is not None and not meta.prefills and self.fused_decode.model is self.model
+        step = self.fused_decode if uses_fused else self.model
+        logits = step(token_ids, positions, self.kv_caches, meta, logits_indices)
         sampling_seqs = [item.seq for item in items if item.samples_token]
         sampled = iter(self._sample_or_restore(logits, sampling_seqs) if sampling_seqs else [])
         results_in_order = [next(sampled) if item.samples_token else None for item in items]

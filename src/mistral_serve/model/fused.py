@@ -3,9 +3,9 @@
 A decode step for one sequence is a few hundred small matmuls, and each call costs about as much
 in dispatch as in arithmetic: stacking the weights that read the same input into one layer cuts
 seven matmuls a layer to four. Every output row is computed exactly as before (a row of the
-stacked weight is the row it came from), so results do not change. Like packing and quantization
-this is a module swap after loading (`fuse_projections`); the model uses a fused layer when it has
-one.
+stacked weight is the row it came from), so results do not change. Like packing this is a module
+swap after loading (`fuse_projections`, called by `prepare_for_inference`); the model uses a fused
+layer when it has one.
 """
 
 from __future__ import annotations

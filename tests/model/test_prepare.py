@@ -1,0 +1,52 @@
+"""Preparing a loaded model for inference: what runs on our kernels, what stays on torch's, and
+preparing twice changes nothing."""
+
+import pytest
+import torch
+
+from mistral_serve.model.checkpoints.loader import load_model
+from mistral_serve.model.cpu import kernels as cpu_kernels
+from mistral_serve.model.cpu.layers import CpuRMSNorm
+from mistral_serve.model.prepare import prepare_for_inference
+from tests.checkpoints import write_hf_checkpoint
+from tests.model.test_cpu_kernels import head_dim_32_config, needs_kernels
+from tests.model.test_quant import prefill_logits
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_our_kernels_the_model_runs_on_torchs(tmp_path, dtype):
+    path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config())
+    prepared = prepare_for_inference(load_model(path, dtype=dtype), CPU, None)
+    assert prepared.attention_kernels is None and prepared.fused_decode is None
+    assert not isinstance(prepared.model.norm, CpuRMSNorm)
+    assert prepared.dtype == dtype and prepared.kernel_path == "linear layers on torch's kernels"
+
+
+@needs_kernels
+def test_a_bfloat16_model_gets_the_one_call_decode_step_on_our_kernels(tmp_path):
+    path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config())
+    prepared = prepare_for_inference(load_model(path, dtype=torch.bfloat16), CPU, cpu_kernels.load())
+    assert prepared.fused_decode is not None and prepared.attention_kernels is not None
+    assert isinstance(prepared.model.norm, CpuRMSNorm)
+    assert prepared.kernel_path.endswith("decode attention on ours, decode steps in one call")
+
+
+@needs_kernels
+def test_preparing_a_prepared_model_changes_nothing(tmp_path):
+    path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config())
+    token_ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(0))
+    model = load_model(path, dtype=torch.bfloat16, quantize="int4")
+    expected = prefill_logits(prepare_for_inference(model, CPU, cpu_kernels.load()).model, token_ids)
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    again = prepare_for_inference(model, CPU, cpu_kernels.load())
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+    assert again.fused_decode is not None
+    torch.testing.assert_close(prefill_logits(again.model, token_ids), expected, atol=0, rtol=0)
+
+
+def test_a_model_is_prepared_on_the_device_it_was_loaded_on(tmp_path):
+    path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config())
+    with pytest.raises(ValueError, match="not on cuda"):
+        prepare_for_inference(load_model(path), torch.device("cuda"), None)
