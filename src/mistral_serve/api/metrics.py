@@ -35,7 +35,7 @@ class _EngineCollector(Collector):
         for name, (documentation, attribute) in _ENGINE_GAUGES.items():
             family = GaugeMetricFamily(name, documentation, labels=["model"])
             for served in self.catalog:
-                family.add_metric([served.id], getattr(served.engine.engine, attribute))
+                family.add_metric([served.id], getattr(served.client.stats(), attribute))
             yield family
 
 
