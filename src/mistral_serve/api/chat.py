@@ -118,16 +118,16 @@ def _guided_param(request: ChatCompletionRequest) -> str | None:
     return "response_format" if request.response_format is not None else None
 
 
-def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> None:
-    if num_prompt_tokens >= context_length:
+def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, max_model_len: int) -> None:
+    if num_prompt_tokens >= max_model_len:
         raise invalid_request(
-            f"This model's maximum context length is {context_length} tokens. However, your messages resulted "
+            f"This model's maximum context length is {max_model_len} tokens. However, your messages resulted "
             f"in {num_prompt_tokens} tokens, which leaves no room for a reply: shorten them by at least "
-            f"{num_prompt_tokens - context_length + 1} tokens.", param="messages", code="context_length_exceeded")
-    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > context_length:
-        over = num_prompt_tokens + max_new_tokens - context_length
+            f"{num_prompt_tokens - max_model_len + 1} tokens.", param="messages", code="context_length_exceeded")
+    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > max_model_len:
+        over = num_prompt_tokens + max_new_tokens - max_model_len
         raise invalid_request(
-            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{num_prompt_tokens + max_new_tokens} tokens ({num_prompt_tokens} in the messages, {max_new_tokens} "
             f"in the completion), {over} too many. Reduce the length of the messages or the completion.",
             param="max_tokens", code="context_length_exceeded")

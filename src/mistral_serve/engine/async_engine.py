@@ -132,11 +132,6 @@ class AsyncEngine(EngineClient):
             self._thread.join()
         self._thread = None
 
-    @property
-    def num_queued(self) -> int:
-        """Requests submitted and not yet started."""
-        return len(self._queued)
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        tenant: str = "", *, is_validated: bool = False) -> AsyncIterator[CompletionDelta]:
         """Yield the request's deltas until every choice has finished. Raises EngineOverloadedError at
