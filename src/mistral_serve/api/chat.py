@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import time
-import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -51,11 +50,14 @@ class Generation:
     served: ServedModel
     prompt_token_ids: list[int]
     params: SamplingParams
-    timer: RequestTimer | None = None  # records latencies and token counts for /metrics
-    ticket: RequestTicket | None = None  # is told how the request went, for its usage row
+    timer: RequestTimer  # records latencies and token counts for /metrics
+    ticket: RequestTicket  # is told how the request went, for its usage row
     tool_calling: ToolCalling | None = None  # how the output is read for tool calls; None: never
-    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def completion_id(self) -> str:
+        return self.ticket.request_id
 
     @property
     def max_num_completion_tokens(self) -> int:
@@ -66,8 +68,8 @@ class Generation:
         return self.params.n * num_per_choice
 
 
-def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer | None = None,
-            ticket: RequestTicket | None = None) -> Generation:
+def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer,
+            ticket: RequestTicket) -> Generation:
     """Tokenize and check the request; every problem is a 400 that says what to change."""
     client = served.client
     tool_calling = _tool_calling(request, served)
@@ -93,10 +95,7 @@ def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestT
     except ValueError as error:
         param = "logit_bias" if "token id" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None
-    generation = Generation(request, served, prompt, params, timer, tool_calling=tool_calling)
-    if ticket is None:
-        return generation
-    return replace(generation, ticket=ticket, completion_id=ticket.request_id)
+    return Generation(request, served, prompt, params, timer, ticket, tool_calling)
 
 
 def _tool_calling(request: ChatCompletionRequest, served: ServedModel) -> ToolCalling | None:
@@ -181,11 +180,10 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
     client = generation.served.client
     readers = ([generation.tool_calling.reader() for _ in range(generation.params.n)]
                if generation.tool_calling is not None else None)
-    tenant = str(generation.ticket.key.id) if generation.ticket is not None else ""
     try:
         # prepare() had the client validate these very prompt and params
         deltas = client.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id,
-                                 tenant=tenant, is_validated=True)
+                                 tenant=str(generation.ticket.key.id), is_validated=True)
         async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
             is_begun = False
             async for delta in deltas:
@@ -259,9 +257,8 @@ class _Progress:
         return sum(self.num_output_tokens.values())
 
     def on_delta(self, generation: Generation, delta: CompletionDelta) -> None:
-        if generation.timer is not None:
-            generation.timer.on_tokens(delta.index, len(delta.token_ids))
-        if generation.ticket is not None and delta.token_ids:
+        generation.timer.on_tokens(delta.index, len(delta.token_ids))
+        if delta.token_ids:
             generation.ticket.on_first_token()
         self.num_output_tokens[delta.index] = delta.num_output_tokens
         if delta.index == 0:
@@ -272,13 +269,11 @@ class _Progress:
         if self.http_status is not None and self.outcome != "finished":
             self.outcome = "failed"
         num_prompt_tokens = len(generation.prompt_token_ids)
-        if generation.timer is not None:
-            generation.timer.on_end(num_prompt_tokens, self.num_completion_tokens, self.outcome)
-        if generation.ticket is not None:
-            status = {"finished": "ok", "failed": "error", "aborted": "aborted"}[self.outcome]
-            generation.ticket.on_generation_end(GenerationEnd(
-                status, self.http_status or CLIENT_CLOSED_REQUEST, num_prompt_tokens, self.num_cached_tokens,
-                self.num_completion_tokens, self.finish_reason))
+        generation.timer.on_end(num_prompt_tokens, self.num_completion_tokens, self.outcome)
+        status = {"finished": "ok", "failed": "error", "aborted": "aborted"}[self.outcome]
+        generation.ticket.on_generation_end(GenerationEnd(
+            status, self.http_status or CLIENT_CLOSED_REQUEST, num_prompt_tokens, self.num_cached_tokens,
+            self.num_completion_tokens, self.finish_reason))
 
 
 def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
@@ -308,9 +303,8 @@ async def reply(request: Request, generation: Generation, headers: dict[str, str
         # queued until the engine takes it: a full queue or a queue timeout is a 503 before any byte is sent
         chunks = await until_disconnected(request, start(generation))
         if generation.request.stream:
-            ticket = generation.ticket
             response = EventStreamResponse(sse_events(generation, chunks), source=chunks,
-                                           on_close=ticket.keep_open().close if ticket is not None else None)
+                                           on_close=generation.ticket.keep_open().close)
             response.headers.update(headers)
             return response
         completion = await until_disconnected(request, complete(generation, chunks))
