@@ -35,8 +35,9 @@ def one_at_a_time(tiny_model):
 
 
 def live(engine, api_db, tmp_path, **settings):
-    settings = Settings(data_dir=tmp_path, **settings)
-    return serving(create_app(settings, {MODEL_ID: AsyncEngine(engine, QueueLimits.from_settings(settings))}, api_db))
+    served_with = Settings(data_dir=tmp_path, **settings)
+    return serving(create_app(served_with, {MODEL_ID: AsyncEngine(engine, QueueLimits.from_settings(served_with))},
+                              api_db))
 
 
 def test_a_full_queue_answers_503_at_once_for_streams_too(one_at_a_time, api_db, tmp_path):
