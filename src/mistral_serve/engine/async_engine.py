@@ -80,7 +80,7 @@ class AsyncEngine(EngineClient):
         """`limits`: bounds on the requests waiting to start; `runs_on`: a one-thread executor to run
         the loop on (the thread that loaded the model), None: a thread of its own."""
         self._engine = engine
-        self.limits = limits
+        self._limits = limits  # fixed at construction
         self._executor = runs_on
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -178,7 +178,7 @@ class AsyncEngine(EngineClient):
         self._wake.set()
 
     def _check_queue_room(self, num_prompt_tokens: int) -> None:
-        limits = self.limits
+        limits = self._limits
         if limits.max_queued_requests is not None and len(self._queued) >= limits.max_queued_requests:
             raise EngineOverloadedError(f"{len(self._queued)} requests are already waiting for this model")
         if (limits.max_queued_prompt_tokens is not None and self._queued
@@ -241,7 +241,7 @@ class AsyncEngine(EngineClient):
 
     def _update_queue(self) -> None:
         """Forget queued requests that have started; drop those that waited past the queue timeout."""
-        timeout_s = self.limits.queue_timeout_s
+        timeout_s = self._limits.queue_timeout_s
         now = time.monotonic()
         with self._lock:
             queued = list(self._queued.items())
