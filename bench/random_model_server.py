@@ -23,7 +23,7 @@ import uvicorn
 from engine_models import MISTRAL_7B_V03, TINY, build_random_model
 from mistral_serve.api.app import create_app
 from mistral_serve.cli import open_database
-from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.async_engine import AsyncEngine, QueueLimits
 from mistral_serve.engine.builder import engine_config, prepare_model
 from mistral_serve.engine.engine import LLMEngine
 from mistral_serve.settings import Settings
@@ -56,7 +56,7 @@ def main() -> None:
         model = build_random_model(SHAPES[args.shape], torch.bfloat16, quantize)
         return LLMEngine(prepare_model(model), MistralCommonTokenizer.from_file(V3_TOKENIZER), engine_config(settings))
     engine = engine_thread.submit(build).result()
-    app = create_app(settings, {MODEL_ID: AsyncEngine(engine, runs_on=engine_thread)}, open_database(settings))
+    app = create_app(settings, {MODEL_ID: AsyncEngine(engine, QueueLimits.from_settings(settings), runs_on=engine_thread)}, open_database(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -16,8 +16,8 @@ def test_known_mistral_models_have_their_context_and_only_v03_has_tools():
 
 
 def test_the_alias_finds_v03_only_when_v03_is_served():
-    v03 = ServedModel(card_for("mistralai/Mistral-7B-Instruct-v0.3"), engine=None, created=0)
-    v01 = ServedModel(card_for("mistralai/Mistral-7B-Instruct-v0.1"), engine=None, created=0)
+    v03 = ServedModel(card_for("mistralai/Mistral-7B-Instruct-v0.3"), client=None, created=0)
+    v01 = ServedModel(card_for("mistralai/Mistral-7B-Instruct-v0.1"), client=None, created=0)
     assert Catalog([v03]).get("open-mistral-7b") is v03
     assert Catalog([v01]).get("open-mistral-7b") is None
     assert card_for("my-model").display_name == "my-model"

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mistral_serve.engine.async_engine import AsyncEngine
+    from mistral_serve.engine.client import EngineClient
 
 DEMO_MODEL_ID = "smollm2-135m-instruct"
 DEMO_MODEL_SOURCE = "demo"
@@ -83,18 +83,13 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class ServedModel:
     card: ModelCard
-    engine: AsyncEngine
+    client: EngineClient
     created: int
     quantization: str | None = None
 
     @property
     def id(self) -> str:
         return self.card.id
-
-    @property
-    def context_length(self) -> int:
-        """Prompt plus generated tokens, at most: the card's limit or what the engine can hold."""
-        return self.engine.engine.max_seq_len
 
 
 class Catalog:
@@ -108,10 +103,10 @@ class Catalog:
                 self._by_name.setdefault(alias, model)
 
     @classmethod
-    def from_engines(cls, engines: Mapping[str, AsyncEngine], quantization: str | None = None) -> Catalog:
+    def from_clients(cls, clients: Mapping[str, EngineClient], quantization: str | None = None) -> Catalog:
         created = int(time.time())
-        return cls(ServedModel(card_for(model_id), engine, created, quantization)
-                   for model_id, engine in engines.items())
+        return cls(ServedModel(card_for(model_id), client, created, quantization)
+                   for model_id, client in clients.items())
 
     def get(self, name: str) -> ServedModel | None:
         return self._by_name.get(name)

@@ -110,8 +110,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from mistral_serve.api.app import create_app
     from mistral_serve.api.server import ABORT_GRACE_S, GracefulServer
     from mistral_serve.catalog import card_for, default_model_specs, parse_model_spec
-    from mistral_serve.engine.async_engine import AsyncEngine
-    from mistral_serve.engine.builder import build_engine_on_its_thread, resolve_threads
+    from mistral_serve.engine.async_engine import load_async_engine
+    from mistral_serve.engine.builder import resolve_threads
 
     settings = settings_from(args)
     num_threads = resolve_threads(settings.threads)
@@ -125,8 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # a known model is served up to its documented context, never beyond
         max_model_len = settings.max_model_len or card_for(model_id).context_length
         model_settings = replace(settings, model=source, max_model_len=max_model_len)
-        engine, engine_thread = build_engine_on_its_thread(model_settings, num_threads)
-        engines[model_id] = AsyncEngine(engine, runs_on=engine_thread)
+        engines[model_id] = load_async_engine(model_settings, num_threads)
     app = create_app(settings, engines, db)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=ABORT_GRACE_S)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from mistral_serve.api.app import create_app
-from mistral_serve.engine.async_engine import AsyncEngine
+from mistral_serve.engine.async_engine import AsyncEngine, QueueLimits
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, NO_EOS, ChatByteTokenizer, chat, new_key, serving, wait_until
@@ -35,7 +35,9 @@ def one_at_a_time(tiny_model):
 
 
 def live(engine, api_db, tmp_path, **settings):
-    return serving(create_app(Settings(data_dir=tmp_path, **settings), {MODEL_ID: AsyncEngine(engine)}, api_db))
+    served_with = Settings(data_dir=tmp_path, **settings)
+    return serving(create_app(served_with, {MODEL_ID: AsyncEngine(engine, QueueLimits.from_settings(served_with))},
+                              api_db))
 
 
 def test_a_full_queue_answers_503_at_once_for_streams_too(one_at_a_time, api_db, tmp_path):

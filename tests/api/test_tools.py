@@ -329,9 +329,9 @@ def test_a_multi_turn_conversation_through_the_openai_client_encodes_as_mistral_
     prompts = []  # what the engine was given, request by request
     add_request = v3_engine.add_request
 
-    def recording(request_id, prompt_token_ids, params, *args):
+    def recording(request_id, prompt_token_ids, params, *args, **kwargs):
         prompts.append(list(prompt_token_ids))
-        return add_request(request_id, prompt_token_ids, params, *args)
+        return add_request(request_id, prompt_token_ids, params, *args, **kwargs)
     monkeypatch.setattr(v3_engine, "add_request", recording)
 
     reference = mistral_common_tokens(v3_engine.tokenizer)

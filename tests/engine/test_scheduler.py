@@ -1,7 +1,7 @@
 from mistral_serve.engine.block_manager import BlockManager
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.scheduler import Scheduler
-from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from mistral_serve.engine.sequence import Sequence, SequenceFinish, SequenceStatus
 
 EOS = 2
 
@@ -59,11 +59,11 @@ def test_sequences_stop_at_eos_stop_token_and_max_tokens():
     batch = scheduler.schedule()
     tokens = {"eos": EOS, "stop": 5, "len": 8}
     scheduler.postprocess(batch, [tokens[item.seq.request_id] for item in batch])
-    assert eos.finish_reason is FinishReason.STOP and stop.finish_reason is FinishReason.STOP
+    assert eos.finish_reason is SequenceFinish.STOP and stop.finish_reason is SequenceFinish.STOP
     assert length.finish_reason is None
     run_step(scheduler)
     run_step(scheduler)
-    assert length.finish_reason is FinishReason.LENGTH and length.num_output_tokens == 3
+    assert length.finish_reason is SequenceFinish.LENGTH and length.num_output_tokens == 3
     assert bm.num_free_blocks == bm.num_blocks
 
 
@@ -74,7 +74,7 @@ def test_ignore_eos_keeps_going():
     run_step(scheduler, token=EOS)
     assert not seq.is_finished
     run_step(scheduler, token=EOS)
-    assert seq.finish_reason is FinishReason.LENGTH
+    assert seq.finish_reason is SequenceFinish.LENGTH
 
 
 def test_preemption_when_blocks_run_out_then_everything_finishes():
@@ -91,7 +91,7 @@ def test_preemption_when_blocks_run_out_then_everything_finishes():
         preempted |= any(seq.num_preemptions for seq in seqs)
         assert bm.num_used_blocks <= 6
     assert preempted
-    assert all(seq.finish_reason is FinishReason.LENGTH and seq.num_output_tokens == 8 for seq in seqs)
+    assert all(seq.finish_reason is SequenceFinish.LENGTH and seq.num_output_tokens == 8 for seq in seqs)
     assert bm.num_free_blocks == 6
 
 
@@ -130,8 +130,8 @@ def test_finish_frees_a_waiting_or_running_sequence():
     scheduler.add(running)
     run_step(scheduler)
     scheduler.add(waiting)
-    scheduler.finish(running, FinishReason.ABORT)
-    scheduler.finish(waiting, FinishReason.ABORT)
+    scheduler.finish(running, SequenceFinish.ABORT)
+    scheduler.finish(waiting, SequenceFinish.ABORT)
     assert running.status is SequenceStatus.FINISHED and waiting.status is SequenceStatus.FINISHED
     assert scheduler.num_unfinished == 0 and bm.num_free_blocks == bm.num_blocks
 

@@ -21,25 +21,23 @@ from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import KeyStore
 from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
-from mistral_serve.engine.async_engine import AsyncEngine, QueueLimits
+from mistral_serve.engine.client import EngineClient
 from mistral_serve.settings import Settings
 
 API_STYLES = {"/v1": "OpenAI style", "/api/ai": "Oxen style"}
 
 
-def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessionmaker[Session],
+def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sessionmaker[Session],
                limiter: RateLimiter | None = None) -> FastAPI:
-    """An app serving `engines` (model id → engine) to the keys in `db`, a migrated database. It starts
-    the engines and the usage writer on startup and stops them on shutdown. `limiter`: by default,
-    counters in Redis when settings.redis_url is set, else in this process."""
-    catalog = Catalog.from_engines(engines, quantization=settings.quantize)
+    """An app serving the engines of `clients` (model id → engine client) to the keys in `db`, a
+    migrated database. It starts the engines and the usage writer on startup and stops them on
+    shutdown. `limiter`: by default, counters in Redis when settings.redis_url is set, else in this
+    process."""
+    catalog = Catalog.from_clients(clients, quantization=settings.quantize)
     if limiter is None:
         counters = RedisCounters(settings.redis_url) if settings.redis_url else InProcessCounters()
         limiter = RateLimiter(counters, db)
     usage = UsageWriter(db, UsageSpool(settings.usage_spool_dir))
-    for engine in engines.values():
-        engine.limits = QueueLimits(settings.max_queued_requests, settings.max_queued_prompt_tokens,
-                                    settings.queue_timeout_s)
     keys = KeyStore(db, outage_grace_s=settings.database_outage_grace_s)
     state = ServingState(settings, catalog, keys, ServingMetrics(catalog), limiter, usage,
                          InFlight(settings.max_concurrent_requests_per_key))
@@ -48,14 +46,14 @@ def create_app(settings: Settings, engines: Mapping[str, AsyncEngine], db: sessi
     async def lifespan(app: FastAPI):
         state.usage.start()
         for model in state.catalog:
-            model.engine.start()
+            model.client.start()
         state.is_ready = True
         try:
             yield
         finally:
             state.is_ready = False
             for model in state.catalog:
-                await asyncio.to_thread(model.engine.shutdown)
+                await asyncio.to_thread(model.client.shutdown)
             await state.limiter.close()
             await asyncio.to_thread(state.usage.close)  # every request's row is written before we stop
 

@@ -1,7 +1,7 @@
-"""A chat request → prompt tokens → the engine → `chat.completion.chunk`s.
+"""A chat request → prompt tokens → the engine client → `chat.completion.chunk`s → the reply.
 
 There is one path: `stream_chunks`. A streaming reply sends its chunks as Server-Sent Events; a
-non-streaming reply is gathered from the same chunks by `complete`.
+non-streaming reply is gathered from the same chunks by `complete`. `reply` picks between them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import json
 import logging
 import math
 import time
-import uuid
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST, GenerationEnd, RequestTicket
 from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.metrics import RequestTimer
 from mistral_serve.api.protocol import (
@@ -22,11 +25,12 @@ from mistral_serve.api.protocol import (
     DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCallOut, PromptTokensDetails, ResponseMessage,
     TokenLogprob, ToolCall, TopLogprob, Usage,
 )
+from mistral_serve.api.sse import ClientDisconnected, EventStreamResponse, until_disconnected
 from mistral_serve.api.tools import ChoiceReader, ToolCalling, tool_calls_token_id
-from mistral_serve.api.usage import CLIENT_CLOSED_REQUEST, RequestMeter
 from mistral_serve.catalog import ServedModel
-from mistral_serve.engine.async_engine import EngineOverloadedError, EngineStoppedError, QueueTimeoutError
-from mistral_serve.engine.engine import CompletionDelta
+from mistral_serve.engine.client import (
+    CompletionDelta, EngineOverloadedError, EngineStoppedError, GuidedDecodingError, QueueTimeoutError,
+)
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.tokenizer import ChatTemplateError
 
@@ -39,36 +43,40 @@ MIN_LOGPROB = -9999.0
 
 @dataclass(frozen=True)
 class Generation:
-    """A validated request, ready to run: nothing about it can be refused any more for its content."""
+    """A request the engine client has validated, ready to run: nothing about it can be refused any
+    more for its content."""
 
     request: ChatCompletionRequest
     served: ServedModel
     prompt_token_ids: list[int]
     params: SamplingParams
-    timer: RequestTimer | None = None  # records latencies and token counts for /metrics
-    meter: RequestMeter | None = None  # writes the usage row when the request ends
+    timer: RequestTimer  # records latencies and token counts for /metrics
+    ticket: RequestTicket  # is told how the request went, for its usage row
     tool_calling: ToolCalling | None = None  # how the output is read for tool calls; None: never
-    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def completion_id(self) -> str:
+        return self.ticket.request_id
 
     @property
     def max_num_completion_tokens(self) -> int:
         """The most tokens the choices together may generate."""
         num_per_choice = self.request.max_new_tokens
         if num_per_choice is None:
-            num_per_choice = self.served.context_length - len(self.prompt_token_ids)
+            num_per_choice = self.served.client.max_model_len - len(self.prompt_token_ids)
         return self.params.n * num_per_choice
 
 
-def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer | None = None,
-            meter: RequestMeter | None = None) -> Generation:
+def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer,
+            ticket: RequestTicket) -> Generation:
     """Tokenize and check the request; every problem is a 400 that says what to change."""
-    engine = served.engine.engine
+    client = served.client
     tool_calling = _tool_calling(request, served)
     messages = [message.model_dump(exclude_none=True, by_alias=True) for message in request.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
     try:
-        prompt = engine.tokenizer.encode_chat(messages, tools=tools)
+        prompt = client.tokenizer.encode_chat(messages, tools=tools)
     except ChatTemplateError as error:
         raise invalid_request(f"Invalid messages: {error}", param="messages") from None
     try:
@@ -78,26 +86,21 @@ def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestT
     if tool_calling is not None and tool_calling.is_forced:
         prompt = [*prompt, tool_calling.token_id]  # the grammar writes the calls that follow it
     elif request.effective_tool_choice == "none":  # the tools stay in the prompt; calling them is banned
-        params = replace(params, logit_bias={**params.logit_bias, tool_calls_token_id(engine.tokenizer): -100.0})
-    _check_context(len(prompt), request.max_new_tokens, served.context_length)
+        params = replace(params, logit_bias={**params.logit_bias, tool_calls_token_id(client.tokenizer): -100.0})
+    _check_context(len(prompt), request.max_new_tokens, client.max_model_len)
     try:
-        engine.validate(prompt, replace(params, guided=None))
+        client.validate(prompt, params)  # the one validation; it compiles the grammar, once per schema
+    except GuidedDecodingError as error:
+        raise invalid_request(f"Invalid request: {error}", param=_guided_param(request)) from None
     except ValueError as error:
         param = "logit_bias" if "token id" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None
-    try:
-        engine.validate(prompt, params)  # compiles the grammar, once per schema
-    except ValueError as error:
-        raise invalid_request(f"Invalid request: {error}", param=_guided_param(request)) from None
-    generation = Generation(request, served, prompt, params, timer, tool_calling=tool_calling)
-    if meter is None:
-        return generation
-    return replace(generation, meter=meter, completion_id=meter.request_id)
+    return Generation(request, served, prompt, params, timer, ticket, tool_calling)
 
 
 def _tool_calling(request: ChatCompletionRequest, served: ServedModel) -> ToolCalling | None:
     """How to read this request's output for calls; a 400 when the model cannot call tools."""
-    token_id = tool_calls_token_id(served.engine.engine.tokenizer)
+    token_id = tool_calls_token_id(served.client.tokenizer)
     if request.tools is not None and token_id is None:
         raise invalid_request(f"The model {request.model!r} does not support 'tools' (function calling); "
                               "send the request without tools, or to a model that supports them.",
@@ -114,16 +117,16 @@ def _guided_param(request: ChatCompletionRequest) -> str | None:
     return "response_format" if request.response_format is not None else None
 
 
-def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> None:
-    if num_prompt_tokens >= context_length:
+def _check_context(num_prompt_tokens: int, max_new_tokens: int | None, max_model_len: int) -> None:
+    if num_prompt_tokens >= max_model_len:
         raise invalid_request(
-            f"This model's maximum context length is {context_length} tokens. However, your messages resulted "
+            f"This model's maximum context length is {max_model_len} tokens. However, your messages resulted "
             f"in {num_prompt_tokens} tokens, which leaves no room for a reply: shorten them by at least "
-            f"{num_prompt_tokens - context_length + 1} tokens.", param="messages", code="context_length_exceeded")
-    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > context_length:
-        over = num_prompt_tokens + max_new_tokens - context_length
+            f"{num_prompt_tokens - max_model_len + 1} tokens.", param="messages", code="context_length_exceeded")
+    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > max_model_len:
+        over = num_prompt_tokens + max_new_tokens - max_model_len
         raise invalid_request(
-            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{num_prompt_tokens + max_new_tokens} tokens ({num_prompt_tokens} in the messages, {max_new_tokens} "
             f"in the completion), {over} too many. Reduce the length of the messages or the completion.",
             param="max_tokens", code="context_length_exceeded")
@@ -174,13 +177,13 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
                                    model=generation.request.model, choices=choices, usage=usage)
 
     progress = _Progress()
-    engine = generation.served.engine
+    client = generation.served.client
     readers = ([generation.tool_calling.reader() for _ in range(generation.params.n)]
                if generation.tool_calling is not None else None)
-    tenant = str(generation.meter.key.id) if generation.meter is not None else ""
     try:
-        deltas = engine.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id,
-                                 tenant=tenant)
+        # prepare() had the client validate these very prompt and params
+        deltas = client.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id,
+                                 tenant=str(generation.ticket.key.id), is_validated=True)
         async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
             is_begun = False
             async for delta in deltas:
@@ -191,7 +194,7 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
                     for index in range(generation.params.n):
                         yield chunk([ChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
                 progress.on_delta(generation, delta)
-                choice = _chunk_choice(engine.engine.tokenizer, delta, readers[delta.index] if readers else None)
+                choice = _chunk_choice(client.tokenizer, delta, readers[delta.index] if readers else None)
                 if choice is not None:
                     yield chunk([choice])
         progress.outcome, progress.http_status = "finished", 200
@@ -254,10 +257,9 @@ class _Progress:
         return sum(self.num_output_tokens.values())
 
     def on_delta(self, generation: Generation, delta: CompletionDelta) -> None:
-        if generation.timer is not None:
-            generation.timer.on_tokens(delta.index, len(delta.token_ids))
-        if generation.meter is not None and delta.token_ids:
-            generation.meter.on_first_token()
+        generation.timer.on_tokens(delta.index, len(delta.token_ids))
+        if delta.token_ids:
+            generation.ticket.on_first_token()
         self.num_output_tokens[delta.index] = delta.num_output_tokens
         if delta.index == 0:
             self.num_cached_tokens = delta.num_cached_tokens
@@ -267,12 +269,11 @@ class _Progress:
         if self.http_status is not None and self.outcome != "finished":
             self.outcome = "failed"
         num_prompt_tokens = len(generation.prompt_token_ids)
-        if generation.timer is not None:
-            generation.timer.on_end(num_prompt_tokens, self.num_completion_tokens, self.outcome)
-        if generation.meter is not None:
-            status = {"finished": "ok", "failed": "error", "aborted": "aborted"}[self.outcome]
-            generation.meter.on_end(status, self.http_status or CLIENT_CLOSED_REQUEST, num_prompt_tokens,
-                                    self.num_cached_tokens, self.num_completion_tokens, self.finish_reason)
+        generation.timer.on_end(num_prompt_tokens, self.num_completion_tokens, self.outcome)
+        status = {"finished": "ok", "failed": "error", "aborted": "aborted"}[self.outcome]
+        generation.ticket.on_generation_end(GenerationEnd(
+            status, self.http_status or CLIENT_CLOSED_REQUEST, num_prompt_tokens, self.num_cached_tokens,
+            self.num_completion_tokens, self.finish_reason))
 
 
 def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
@@ -292,6 +293,28 @@ def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
 
 
 # the two ways to answer
+
+async def reply(request: Request, generation: Generation, headers: dict[str, str]) -> Response:
+    """Run the generation and answer `request` with Server-Sent Events or one JSON reply, carrying
+    `headers`; a 499 when the client leaves first. A stream outlives the route that returns it: it
+    takes the generation's ticket and closes it when it ends."""
+    chunks = None
+    try:
+        # queued until the engine takes it: a full queue or a queue timeout is a 503 before any byte is sent
+        chunks = await until_disconnected(request, start(generation))
+        if generation.request.stream:
+            response = EventStreamResponse(sse_events(generation, chunks), source=chunks,
+                                           on_close=generation.ticket.keep_open().close)
+            response.headers.update(headers)
+            return response
+        completion = await until_disconnected(request, complete(generation, chunks))
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
+    finally:
+        if chunks is not None and not generation.request.stream:
+            await chunks.aclose()  # aborts the generation if complete() did not read it to the end
+    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
 
 async def sse_events(generation: Generation, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[str]:
     """Server-Sent Events of `chunks` (from `start`): each chunk, an error as an event with an `error`

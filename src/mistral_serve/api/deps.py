@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,11 +11,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from mistral_serve.api.admission import RETRY_AFTER_SECONDS, RequestTicket
 from mistral_serve.api.errors import APIError, from_validation_error
 from mistral_serve.api.in_flight import InFlight
 from mistral_serve.api.limits import RateLimiter
 from mistral_serve.api.metrics import ServingMetrics
-from mistral_serve.api.usage import RequestMeter
 from mistral_serve.api.protocol import ChatCompletionRequest
 from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import ActiveKey, KeyRefused, KeyStore, KeyStoreUnavailable
@@ -24,7 +23,6 @@ from mistral_serve.db.usage_writer import UsageWriter
 from mistral_serve.settings import Settings
 
 MAX_BODY_BYTES = 4 << 20  # a 32k-token conversation is far smaller
-RETRY_AFTER_SECONDS = "5"
 
 
 @dataclass
@@ -38,25 +36,10 @@ class ServingState:
     in_flight: InFlight
     is_ready: bool = False  # the engines are running, and the server is not shutting down
 
-    def meter(self, key: ActiveKey, model: str) -> RequestMeter:
-        """The usage meter of a request that `key` makes now."""
-        now = datetime.fromtimestamp(self.limiter.clock(), timezone.utc)  # the limiter's time: budgets agree
-        return RequestMeter(self.usage, self.limiter, key, model, created_at=now)
-
-    def enter(self, meter: RequestMeter) -> None:
-        """Count the request in flight until its meter ends. 503 while usage cannot be recorded; 429
-        past the key's concurrent-request cap."""
-        backlog_mb = self.usage.backlog_bytes_seen / (1 << 20)
-        if backlog_mb > self.settings.max_usage_backlog_mb:
-            raise APIError(503, f"Usage cannot be recorded now ({backlog_mb:.0f} MB of it waits for the database); "
-                                "try again shortly.", type="server_error", code="usage_backlog_full",
-                           headers={"Retry-After": RETRY_AFTER_SECONDS})
-        key_id = meter.key.id
-        if not self.in_flight.try_enter(key_id):
-            raise APIError(429, f"This key has {self.in_flight.of_key(key_id)} requests in flight, the most this "
-                                "server runs at once for one key; wait for one to finish.", type="requests",
-                           code="too_many_concurrent_requests", headers={"Retry-After": "1"})
-        meter.on_ended = lambda: self.in_flight.leave(key_id)
+    def admit(self, key: ActiveKey, model: str) -> RequestTicket:
+        """The ticket of a chat request that `key` makes now for `model`, to enter with `async with`."""
+        return RequestTicket(key, model, usage=self.usage, limiter=self.limiter, in_flight=self.in_flight,
+                             max_usage_backlog_mb=self.settings.max_usage_backlog_mb)
 
 
 def get_serving_state(request: Request) -> ServingState:

@@ -1,8 +1,8 @@
 """Prometheus metrics, per served model.
 
 Each app has its own registry (no process globals), so several apps in one process, as in the
-tests, never share counters. Engine state (running, waiting, KV blocks) is read when scraped;
-latencies and token counts are recorded by the chat path as requests stream.
+tests, never share counters. Engine state (running, waiting, KV blocks) is each engine client's
+`stats()` when scraped; latencies and token counts are recorded by the chat path as requests stream.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class _EngineCollector(Collector):
         for name, (documentation, attribute) in _ENGINE_GAUGES.items():
             family = GaugeMetricFamily(name, documentation, labels=["model"])
             for served in self.catalog:
-                family.add_metric([served.id], getattr(served.engine.engine, attribute))
+                family.add_metric([served.id], getattr(served.client.stats(), attribute))
             yield family
 
 

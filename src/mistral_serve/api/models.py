@@ -12,7 +12,7 @@ TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 def capabilities(served: ServedModel) -> ModelCapabilities:
     """What this model accepts: tools when its tokenizer has the tool-call tokens; JSON output always
     (constrained decoding works with every tokenizer)."""
-    return ModelCapabilities(tools=tool_calls_token_id(served.engine.engine.tokenizer) is not None,
+    return ModelCapabilities(tools=tool_calls_token_id(served.client.tokenizer) is not None,
                              json_mode=True, json_schema=True)
 
 
@@ -20,7 +20,7 @@ def model_object(name: str, served: ServedModel, catalog: Catalog) -> ModelObjec
     card = served.card
     return ModelObject(
         id=name, created=served.created, owned_by=card.owned_by, display_name=card.display_name,
-        description=card.description, context_length=served.context_length,
+        description=card.description, context_length=served.client.max_model_len,
         capabilities=capabilities(served),
         quantization=served.quantization,
         json_request_schema=request_schema(served, [n for n in catalog.names if catalog.get(n) is served]))
@@ -32,7 +32,7 @@ def request_schema(served: ServedModel, names: list[str]) -> dict:
     properties = schema["properties"]
     properties["model"] = {"title": "Model", "type": "string", "enum": names}
     # at least one prompt token: the rest of the context is the most a reply can take
-    max_new_tokens = served.context_length - 1
+    max_new_tokens = served.client.max_model_len - 1
     for name in ("max_tokens", "max_completion_tokens"):
         for branch in properties[name]["anyOf"]:
             if branch.get("type") == "integer":

@@ -53,7 +53,7 @@ class GracefulServer(uvicorn.Server):
                 logger.warning("shutdown timeout (%g s) reached: aborting %d request(s) still in flight",
                                self.state.settings.shutdown_timeout_s, num_in_flight)
                 for model in self.state.catalog:
-                    model.engine.abort_all("the server is shutting down")
+                    model.client.abort_all("the server is shutting down")
                 self.abort_deadline = now + ABORT_GRACE_S
         elif now >= self.abort_deadline:
             logger.error("%d aborted request(s) did not end in %g s: shutting down anyway", num_in_flight,

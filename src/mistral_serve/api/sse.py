@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -23,11 +23,12 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, source=None, **kwargs):
+    def __init__(self, content, source=None, on_close: Callable[[], None] | None = None, **kwargs):
         """`source`: an async iterator `content` reads from, closed with it even if `content` never
-        started (closing it aborts the generation)."""
+        started (closing it aborts the generation). `on_close`: called last, once the stream is over."""
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kwargs)
         self.source = source
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
@@ -47,9 +48,13 @@ class EventStreamResponse(StreamingResponse):
                 task_group.start_soon(stream)
                 task_group.start_soon(watch_disconnect)
         finally:
-            await self.body_iterator.aclose()  # closing it aborts the generation
-            if self.source is not None:
-                await self.source.aclose()
+            try:
+                await self.body_iterator.aclose()  # closing it aborts the generation
+                if self.source is not None:
+                    await self.source.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -1,7 +1,10 @@
-"""AsyncEngine: the LLMEngine's step loop on a background thread, seen from asyncio as streams.
+"""AsyncEngine: the LLMEngine's step loop on a background thread, seen from asyncio as streams; the
+in-process EngineClient.
 
-Only the engine thread touches the LLMEngine. Callers hand it new requests and aborts through
-a locked inbox; it hands deltas back to each caller's event loop with `call_soon_threadsafe`.
+Only the engine thread changes the LLMEngine. Callers hand it new requests and aborts through a
+locked inbox; it hands deltas back to each caller's event loop with `call_soon_threadsafe`, and
+publishes a snapshot of its stats after each step. Callers' threads only read what never changes
+(the tokenizer, the context limit) and validate requests (the grammar cache is thread-safe).
 
 The loop runs on a thread of its own, or on a given one-thread executor: the server loads the
 model on that executor's thread and runs the loop there too, so that all of a model's CPU work
@@ -21,22 +24,16 @@ import threading
 import time
 import uuid
 
-from mistral_serve.engine.engine import CompletionDelta, LLMEngine
+from mistral_serve.engine.builder import build_engine_on_its_thread
+from mistral_serve.engine.client import (
+    CompletionDelta, EngineClient, EngineOverloadedError, EngineStats, EngineStoppedError, QueueTimeoutError,
+)
+from mistral_serve.engine.engine import LLMEngine
 from mistral_serve.engine.params import SamplingParams
+from mistral_serve.settings import Settings
+from mistral_serve.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class EngineStoppedError(RuntimeError):
-    pass
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full: the request was not queued. Try again shortly."""
-
-
-class QueueTimeoutError(RuntimeError):
-    """The request waited in the queue longer than the engine's queue timeout and was dropped."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,17 @@ class QueueLimits:
     max_queued_requests: int | None = None
     max_queued_prompt_tokens: int | None = None
     queue_timeout_s: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QueueLimits:
+        return cls(settings.max_queued_requests, settings.max_queued_prompt_tokens, settings.queue_timeout_s)
+
+
+def load_async_engine(settings: Settings, num_threads: int) -> AsyncEngine:
+    """The engine of `settings.model`, loaded with `num_threads` CPU threads on a thread of its own
+    that will also run its loop, and bounded by the settings' queue limits."""
+    engine, engine_thread = build_engine_on_its_thread(settings, num_threads)
+    return AsyncEngine(engine, QueueLimits.from_settings(settings), runs_on=engine_thread)
 
 
 @dataclass
@@ -66,13 +74,13 @@ class _Stream:
             pass
 
 
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine, limits: QueueLimits = QueueLimits(), *,
                  runs_on: ThreadPoolExecutor | None = None):
-        """`runs_on`: a one-thread executor to run the loop on (the thread that loaded the model);
-        None: a thread of its own."""
-        self.engine = engine
-        self.limits = limits
+        """`limits`: bounds on the requests waiting to start; `runs_on`: a one-thread executor to run
+        the loop on (the thread that loaded the model), None: a thread of its own."""
+        self._engine = engine
+        self._limits = limits  # fixed at construction
         self._executor = runs_on
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -84,8 +92,26 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | Future | None = None  # the running loop
         self._is_stopping = False
+        self._stats = self._read_stats()  # published by the engine thread after each change
         self.idle = threading.Event()  # set while the engine has nothing to do
         self.idle.set()
+
+    # the client surface, for any thread
+
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        return self._engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        # the engine's sequence limit: its max_model_len, capped by what the KV cache can hold
+        return self._engine.max_seq_len
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._engine.validate(prompt_token_ids, params)  # reads only the engine's fixed facts
+
+    def stats(self) -> EngineStats:
+        return self._stats
 
     def start(self) -> None:
         if self._thread is None:
@@ -106,20 +132,16 @@ class AsyncEngine:
             self._thread.join()
         self._thread = None
 
-    @property
-    def num_queued(self) -> int:
-        """Requests submitted and not yet started."""
-        return len(self._queued)
-
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, tenant: str = "") -> AsyncIterator[CompletionDelta]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       tenant: str = "", *, is_validated: bool = False) -> AsyncIterator[CompletionDelta]:
         """Yield the request's deltas until every choice has finished. Raises EngineOverloadedError at
         once when the queue is full, QueueTimeoutError when the request waited too long to start.
 
         Closing or cancelling the iterator aborts the request and frees its blocks."""
         if self._is_stopping or self._thread is None:
             raise EngineStoppedError("the engine is not running")
-        self.engine.validate(prompt_token_ids, params)  # bad input fails here, in the caller
+        if not is_validated:
+            self.validate(prompt_token_ids, params)  # bad input fails here, in the caller
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -150,15 +172,13 @@ class AsyncEngine:
         self._wake.set()
 
     def abort_all(self, reason: str) -> None:
-        """Abort every request, queued or running; each caller gets EngineStoppedError(reason). The
-        engine keeps running."""
         with self._lock:
             self._aborts.extend(self._streams)
             self._abort_reason = reason
         self._wake.set()
 
     def _check_queue_room(self, num_prompt_tokens: int) -> None:
-        limits = self.limits
+        limits = self._limits
         if limits.max_queued_requests is not None and len(self._queued) >= limits.max_queued_requests:
             raise EngineOverloadedError(f"{len(self._queued)} requests are already waiting for this model")
         if (limits.max_queued_prompt_tokens is not None and self._queued
@@ -189,14 +209,16 @@ class AsyncEngine:
         if self._is_stopping:
             self._abort_all(EngineStoppedError("the engine was shut down"))
             return True
-        if not self.engine.has_unfinished_requests():
+        if not self._engine.has_unfinished_requests():
+            self._stats = self._read_stats()
             self.idle.set()
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             return False
         self.idle.clear()
         self._update_queue()
-        self._publish(self.engine.step())
+        self._publish(self._engine.step())
+        self._stats = self._read_stats()
         return False
 
     def _apply_inbox(self) -> None:
@@ -206,28 +228,29 @@ class AsyncEngine:
             reason, self._abort_reason = self._abort_reason, None
         for request_id, prompt_token_ids, params, tenant in new_requests:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, tenant)
+                # generate() validated it, in the caller's thread
+                self._engine.add_request(request_id, prompt_token_ids, params, tenant, is_validated=True)
             except ValueError as error:
                 self._close(request_id, error)
             except Exception as error:  # a bug: this request fails, the loop and the others go on
                 logger.exception("could not add request %s", request_id)
                 self._close(request_id, error)
         for request_id in aborts:
-            self.engine.abort_request(request_id)
+            self._engine.abort_request(request_id)
             self._close(request_id, EngineStoppedError(reason) if reason else None)
 
     def _update_queue(self) -> None:
         """Forget queued requests that have started; drop those that waited past the queue timeout."""
-        timeout_s = self.limits.queue_timeout_s
+        timeout_s = self._limits.queue_timeout_s
         now = time.monotonic()
         with self._lock:
             queued = list(self._queued.items())
         for request_id, entry in queued:
-            if self.engine.is_request_started(request_id):
+            if self._engine.is_request_started(request_id):
                 with self._lock:
                     self._unqueue(request_id)
             elif timeout_s is not None and now - entry.submitted_at > timeout_s:
-                self.engine.abort_request(request_id)
+                self._engine.abort_request(request_id)
                 self._close(request_id, QueueTimeoutError(
                     f"the request waited {now - entry.submitted_at:.0f} s for a place, longer than the "
                     f"queue timeout of {timeout_s:g} s"))
@@ -251,11 +274,17 @@ class AsyncEngine:
             stream.put(error)
 
     def _abort_all(self, error: BaseException) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
+        for request_id in list(self._engine.requests):
+            self._engine.abort_request(request_id)
         with self._lock:
             streams, self._streams = self._streams, {}
             self._queued.clear()
             self._num_queued_prompt_tokens = 0
         for stream in streams.values():
             stream.put(error)
+        self._stats = self._read_stats()
+
+    def _read_stats(self) -> EngineStats:
+        engine = self._engine
+        return EngineStats(engine.num_running, engine.num_waiting, engine.num_kv_blocks_used,
+                           engine.num_kv_blocks_total)

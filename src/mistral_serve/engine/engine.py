@@ -10,11 +10,12 @@ from dataclasses import dataclass, field, replace
 import logging
 
 from mistral_serve.engine.block_manager import BlockManager
+from mistral_serve.engine.client import CompletionDelta, GuidedDecodingError, SampledLogprob
 from mistral_serve.engine.guided import GrammarCompilerCache
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
 from mistral_serve.engine.scheduler import ScheduledSequence, Scheduler
-from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from mistral_serve.engine.sequence import Sequence, SequenceFinish, SequenceStatus
 from mistral_serve.engine.text_stream import TextStream
 from mistral_serve.model.prepared import PreparedModel
 from mistral_serve.model.sampler import SampledToken
@@ -39,30 +40,6 @@ class EngineConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be at least 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top_logprobs: tuple[tuple[int, float], ...]
-
-
-@dataclass(frozen=True)
-class CompletionDelta:
-    """What one step added to one choice of a request."""
-
-    request_id: str
-    index: int  # choice index
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] | None  # None unless the request asked for logprobs
-    finish_reason: str | None  # "stop", "length", "abort"; None while running
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int  # so far, for this choice
-    is_request_finished: bool = False  # every choice of the request has finished
-    error: BaseException | None = None  # set on the final deltas of a request the model run failed
 
 
 @dataclass
@@ -114,15 +91,20 @@ class LLMEngine:
         if bad_ids:
             raise ValueError(f"token id {bad_ids[0]} is out of the vocabulary (size {vocab_size})")
         if params.guided is not None:
-            self.grammars.compile(params.guided)  # once per spec; the engine thread finds it cached
+            try:
+                self.grammars.compile(params.guided)  # once per spec; the engine thread finds it cached
+            except ValueError as error:
+                raise GuidedDecodingError(str(error)) from None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    tenant: str = "") -> None:
+                    tenant: str = "", *, is_validated: bool = False) -> None:
         """Queue a request. `tenant` names who asked: waiting requests are admitted fairly between
-        tenants, so one that sends many cannot starve the others."""
+        tenants, so one that sends many cannot starve the others. `is_validated`: `validate` has
+        accepted this prompt and params already."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
+        if not is_validated:
+            self.validate(prompt_token_ids, params)
         leader = None
         seqs = []
         for index in range(params.n):
@@ -149,7 +131,7 @@ class LLMEngine:
         deltas = []
         for seq in request.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.ABORT)
+                self.scheduler.finish(seq, SequenceFinish.ABORT)
                 deltas.append(self._delta(seq, "", (), None))
         return self._mark_finished_requests(deltas) if deltas else []
 
@@ -219,14 +201,14 @@ class LLMEngine:
         stream = request.streams[seq.seq_id]
         text = stream.push(token.token_id)
         if stream.is_stopped and not seq.is_finished:
-            self.scheduler.finish(seq, FinishReason.STOP)
+            self.scheduler.finish(seq, SequenceFinish.STOP)
         if self.runner.is_grammar_terminated(seq) and not seq.is_finished:  # EOS with ignore_eos
-            self.scheduler.finish(seq, FinishReason.STOP)
+            self.scheduler.finish(seq, SequenceFinish.STOP)
         if seq.is_finished:
             text += stream.finish()
         logprobs = None
         if seq.params.logprobs:
-            logprobs = (TokenLogprob(token.token_id, token.logprob, token.top_logprobs),)
+            logprobs = (SampledLogprob(token.token_id, token.logprob, token.top_logprobs),)
         return self._delta(seq, text, (token.token_id,), logprobs)
 
     def _delta(self, seq: Sequence, text: str, token_ids, logprobs) -> CompletionDelta:

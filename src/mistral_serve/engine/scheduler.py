@@ -17,7 +17,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from mistral_serve.engine.block_manager import BlockManager
-from mistral_serve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from mistral_serve.engine.sequence import Sequence, SequenceFinish, SequenceStatus
 
 
 MAX_REMEMBERED_TENANTS = 10_000  # past this, tenants with nothing queued or running are forgotten
@@ -153,17 +153,17 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq, reason)
 
-    def _token_finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _token_finish_reason(self, seq: Sequence, token_id: int) -> SequenceFinish | None:
         params = seq.params  # the sampler keeps these tokens out until min_tokens are out
         if token_id in params.stop_token_ids:
-            return FinishReason.STOP
+            return SequenceFinish.STOP
         if token_id in self.eos_token_ids and not params.ignore_eos:
-            return FinishReason.STOP
+            return SequenceFinish.STOP
         if seq.num_output_tokens >= seq.max_output_tokens:
-            return FinishReason.LENGTH
+            return SequenceFinish.LENGTH
         return None
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def finish(self, seq: Sequence, reason: SequenceFinish) -> None:
         """End the sequence now and give its blocks back."""
         if seq.is_finished:
             return

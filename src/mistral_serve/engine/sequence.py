@@ -14,7 +14,7 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
-class FinishReason(str, Enum):
+class SequenceFinish(str, Enum):
     STOP = "stop"  # end of sequence, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # cancelled by the client or the server
@@ -42,7 +42,7 @@ class Sequence:
         self.leader = leader  # for n > 1: siblings wait until the leader's prompt is cached, then share it
         self.tenant = tenant  # who asked (an API key): the scheduler admits tenants in turn
         self.status = SequenceStatus.WAITING
-        self.finish_reason: FinishReason | None = None
+        self.finish_reason: SequenceFinish | None = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from mistral_serve.api import chat
 from mistral_serve.api.deps import ChatRequest, CurrentKey, Ready, State
@@ -14,8 +14,6 @@ from mistral_serve.api.models import model_object
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList, ModelObject,
 )
-from mistral_serve.api.sse import ClientDisconnected, EventStreamResponse, until_disconnected
-from mistral_serve.api.usage import CLIENT_CLOSED_REQUEST
 from mistral_serve.catalog import Catalog, ServedModel
 
 router = APIRouter()
@@ -42,35 +40,12 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
                                  state: State) -> Response:
     """Answer a conversation: one JSON reply, or Server-Sent Events with `stream: true`. Both carry the
     key's x-ratelimit-* headers; a key over its limits gets a 429."""
-    meter = state.meter(key, body.model)
-    try:
-        state.enter(meter)  # counted in flight until its usage row is recorded
+    async with state.admit(key, body.model) as ticket:
         served = find_model(state.catalog, body.model)
         # tokenizing and compiling a grammar take milliseconds to a tenth of a second: off the event loop
-        generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), meter)
-        meter.admission = await state.limiter.admit(key, len(generation.prompt_token_ids),
-                                                    generation.max_num_completion_tokens)
-    except APIError as error:
-        meter.on_refused(error.status_code)
-        raise
-    headers = meter.admission.headers
-    chunks = None
-    try:
-        # queued until the engine takes it: a full queue or a queue timeout is a 503 before any byte is sent
-        chunks = await until_disconnected(request, chat.start(generation))
-        if body.stream:
-            response = EventStreamResponse(chat.sse_events(generation, chunks), source=chunks)
-            response.headers.update(headers)
-            return response
-        completion = await until_disconnected(request, chat.complete(generation, chunks))
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
-    finally:
-        if chunks is not None and not body.stream:
-            await chunks.aclose()  # aborts the generation if complete() did not read it to the end
-        if chunks is None and not meter.is_ended:  # the client left before the engine saw the request
-            meter.on_end("aborted", CLIENT_CLOSED_REQUEST, 0, 0, 0, None)
-    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+        generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), ticket)
+        headers = await ticket.reserve(len(generation.prompt_token_ids), generation.max_num_completion_tokens)
+        return await chat.reply(request, generation, headers)
 
 
 @router.get("/models", response_model=ModelList)

@@ -1,0 +1,121 @@
+"""EngineClient: all that the API sees of an engine — the in-process AsyncEngine, or later a remote
+pool, behind the same small surface (vLLM's EngineClient in spirit).
+
+This module is light on purpose (no torch, no model): the API imports it, and a remote pool will
+implement it without loading a model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mistral_serve.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from mistral_serve.tokenizer import ChatTokenizer
+
+
+class EngineStoppedError(RuntimeError):
+    pass
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full: the request was not queued. Try again shortly."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """The request waited in the queue longer than the engine's queue timeout and was dropped."""
+
+
+class GuidedDecodingError(ValueError):
+    """The request's grammar (a JSON schema, forced tool calls) cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class SampledLogprob:
+    """The log probability of a sampled token, and the most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]  # (token id, log probability), most likely first
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """What one step added to one choice of a request."""
+
+    request_id: str
+    index: int  # choice index
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[SampledLogprob, ...] | None  # None unless the request asked for logprobs
+    finish_reason: str | None  # "stop", "length", "abort"; None while running
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int  # so far, for this choice
+    is_request_finished: bool = False  # every choice of the request has finished
+    error: BaseException | None = None  # set on the final deltas of a request the model run failed
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """How busy an engine is, as /metrics reports it."""
+
+    num_running: int  # sequences being prefilled or decoded
+    num_waiting: int  # sequences queued for a place in the batch
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+
+
+class EngineClient(ABC):
+    """One served model's engine, as the API uses it. Every method may be called from the event loop;
+    none of them blocks on the model."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> ChatTokenizer:
+        """The model's tokenizer. Callers only read with it (encode_chat, token_bytes, decode), from
+        any thread."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """The most tokens one request may hold, prompt and generated together."""
+
+    @abstractmethod
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (GuidedDecodingError for the grammar) for a request this engine cannot run.
+        Compiles the request's grammar, if any, so that running it finds the grammar ready."""
+
+    @abstractmethod
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 tenant: str = "", *, is_validated: bool = False) -> AsyncIterator[CompletionDelta]:
+        """The request's deltas until every choice has finished; closing the iterator aborts the request.
+        `is_validated`: the caller has had `validate` accept these very prompt and params, so they are
+        not checked again. `tenant` names who asked, for fair scheduling between tenants."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop the request; its stream ends."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """How busy the engine is now (a recent snapshot: it never waits for the engine)."""
+
+    # lifecycle
+
+    @abstractmethod
+    def start(self) -> None:
+        pass
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Abort everything in flight and stop."""
+
+    @abstractmethod
+    def abort_all(self, reason: str) -> None:
+        """Abort every request, queued or running; each stream fails with EngineStoppedError(reason).
+        The engine keeps running."""
