@@ -163,6 +163,8 @@ def run_generate(args: argparse.Namespace) -> int:
     rate = (num_tokens - 1) / decode_time if num_tokens > 1 and decode_time > 0 else 0.0
     print(f"\n[{len(prompt)} prompt tokens, {num_tokens} generated, finish: {reason}, "
           f"first token {first_token_at - started:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
+    backend = engine.backend
+    print(f"[{backend.device}, {backend.dtype}; kernels: {backend.kernels}; {backend.kernel_path}]", file=sys.stderr)
     return 0
 
 

@@ -43,4 +43,4 @@ def test_the_demo_stream_matches_the_reply(demo_client, demo_engine):
     assert done == "[DONE]"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
     model = demo_client.get(f"/v1/models/{DEMO_MODEL_ID}").json()
-    assert model["context_length"] == demo_engine.max_seq_len
+    assert model["context_length"] == demo_engine.max_model_len

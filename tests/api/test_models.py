@@ -7,7 +7,8 @@ from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, chat
 from tests.api.test_errors import BAD_REQUESTS
 
 OPENAI_FIELDS = {"id", "object", "created", "owned_by"}
-OUR_FIELDS = {"display_name", "description", "context_length", "capabilities", "quantization", "json_request_schema"}
+OUR_FIELDS = {"display_name", "description", "context_length", "capabilities", "quantization", "backend",
+              "json_request_schema"}
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/api/ai"])
@@ -21,6 +22,13 @@ def test_models_are_listed_and_found_by_id_with_a_slash_or_by_alias(client, open
         assert set(model) == OPENAI_FIELDS | OUR_FIELDS
         assert model["id"] == name and model["object"] == "model" and model["owned_by"] == "mistralai"
         assert model["context_length"] == CONTEXT_LENGTH  # the tiny checkpoint's, below the card's 32768
+
+
+def test_the_model_and_ready_say_where_and_on_which_kernels_it_runs(client):
+    backend = client.get(f"/v1/models/{MODEL_ID}").json()["backend"]
+    assert backend["device"] == "cpu" and backend["dtype"] in ("float32", "bfloat16")
+    assert backend["kernels"].startswith(("ours: ", "torch's")) and backend["kernel_path"]
+    assert client.get("/ready").json()["backends"] == {MODEL_ID: backend}
 
 
 def test_the_request_schema_caps_max_tokens_at_the_context(client):

@@ -190,6 +190,6 @@ def test_bad_requests_are_refused_before_they_start(engine):
     with pytest.raises(ValueError, match="empty"):
         engine.validate([], SamplingParams())
     with pytest.raises(ValueError, match="context"):
-        engine.validate([1] * engine.max_seq_len, SamplingParams())
+        engine.validate([1] * engine.max_model_len, SamplingParams())
     with pytest.raises(ValueError, match="vocabulary"):
         engine.validate([1, 2], SamplingParams(logit_bias={10**7: 1.0}))

@@ -76,7 +76,7 @@ def test_preemption_under_a_tiny_kv_cache_gives_the_same_tokens_as_a_roomy_one(m
 
 def test_a_prompt_that_fills_the_whole_cache_still_finishes_at_the_context_limit(model):
     engine = LLMEngine(prepare_model(model), ByteTokenizer(), EngineConfig(block_size=4, num_kv_blocks=8))
-    assert engine.max_seq_len == 32
+    assert engine.max_model_len == 32
     tokens, _, reasons = run(engine, [("r", prompts(1, 30)[0], SamplingParams(temperature=0, ignore_eos=True))])
     assert len(tokens["r"]) == 2 and reasons["r"] == "length"
     assert engine.num_kv_blocks_used == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mistral_serve.api.protocol import ChatCompletionRequest, ModelCapabilities, ModelObject
+from mistral_serve.api.protocol import ChatCompletionRequest, ModelBackend, ModelCapabilities, ModelObject
 from mistral_serve.api.tools import tool_calls_token_id
 from mistral_serve.catalog import Catalog, ServedModel
 
@@ -22,7 +22,7 @@ def model_object(name: str, served: ServedModel, catalog: Catalog) -> ModelObjec
         id=name, created=served.created, owned_by=card.owned_by, display_name=card.display_name,
         description=card.description, context_length=served.client.max_model_len,
         capabilities=capabilities(served),
-        quantization=served.quantization,
+        quantization=served.quantization, backend=ModelBackend(**served.client.backend.as_dict()),
         json_request_schema=request_schema(served, [n for n in catalog.names if catalog.get(n) is served]))
 
 

@@ -437,6 +437,15 @@ class ModelCapabilities(_Response):
     json_schema: bool = False
 
 
+class ModelBackend(_Response):
+    """Where and on which kernels the model runs (an extension)."""
+
+    device: str
+    dtype: str
+    kernels: str
+    kernel_path: str
+
+
 class ModelObject(_Response):
     id: str
     object: Literal["model"] = "model"
@@ -448,6 +457,7 @@ class ModelObject(_Response):
     context_length: int
     capabilities: ModelCapabilities
     quantization: str | None
+    backend: ModelBackend
     json_request_schema: dict
     # --- end of extensions ---
 

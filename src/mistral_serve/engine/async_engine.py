@@ -26,7 +26,8 @@ import uuid
 
 from mistral_serve.engine.builder import build_engine_on_its_thread
 from mistral_serve.engine.client import (
-    CompletionDelta, EngineClient, EngineOverloadedError, EngineStats, EngineStoppedError, QueueTimeoutError,
+    CompletionDelta, EngineBackend, EngineClient, EngineOverloadedError, EngineStats, EngineStoppedError,
+    QueueTimeoutError,
 )
 from mistral_serve.engine.engine import LLMEngine
 from mistral_serve.engine.params import SamplingParams
@@ -104,8 +105,12 @@ class AsyncEngine(EngineClient):
 
     @property
     def max_model_len(self) -> int:
-        # the engine's sequence limit: its max_model_len, capped by what the KV cache can hold
-        return self._engine.max_seq_len
+        # prompt plus generated tokens, at most: configured, allowed by the positions, held by the cache
+        return self._engine.max_model_len
+
+    @property
+    def backend(self) -> EngineBackend:
+        return self._engine.backend  # fixed when the engine was built
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._engine.validate(prompt_token_ids, params)  # reads only the engine's fixed facts

@@ -72,8 +72,8 @@ def prepare_model(model: Transformer) -> PreparedModel:
     device = model.embed_tokens.weight.device
     kernels = cpu_kernels.load() if device.type == "cpu" else None
     prepared = prepare_for_inference(model, device, kernels)
-    logger.info("model ready on %s, %s: %s", device, str(prepared.dtype).removeprefix("torch."),
-                prepared.kernel_path)
+    logger.info("model ready on %s, %s; kernels: %s; %s", device, str(prepared.dtype).removeprefix("torch."),
+                prepared.kernels, prepared.kernel_path)
     return prepared
 
 

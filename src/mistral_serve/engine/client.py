@@ -70,6 +70,19 @@ class EngineStats:
     num_kv_blocks_total: int
 
 
+@dataclass(frozen=True)
+class EngineBackend:
+    """Where and on which kernels a served model runs: for the log, /ready and the model objects."""
+
+    device: str  # "cpu", "cuda:0"
+    dtype: str  # of the activations and the KV cache
+    kernels: str  # our CPU kernels (instruction set, tile units, OpenMP), or torch's and why
+    kernel_path: str  # which parts of the model run on them
+
+    def as_dict(self) -> dict[str, str]:
+        return {"device": self.device, "dtype": self.dtype, "kernels": self.kernels, "kernel_path": self.kernel_path}
+
+
 class EngineClient(ABC):
     """One served model's engine, as the API uses it. Every method may be called from the event loop;
     none of them blocks on the model."""
@@ -84,6 +97,11 @@ class EngineClient(ABC):
     @abstractmethod
     def max_model_len(self) -> int:
         """The most tokens one request may hold, prompt and generated together."""
+
+    @property
+    @abstractmethod
+    def backend(self) -> EngineBackend:
+        """Where and on which kernels the model runs."""
 
     @abstractmethod
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import logging
 
 from mistral_serve.engine.block_manager import BlockManager
-from mistral_serve.engine.client import CompletionDelta, GuidedDecodingError, SampledLogprob
+from mistral_serve.engine.client import CompletionDelta, EngineBackend, GuidedDecodingError, SampledLogprob
 from mistral_serve.engine.guided import GrammarCompilerCache
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
@@ -62,10 +62,11 @@ class LLMEngine:
         model_config = prepared.config
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory // kv_cache_bytes_per_block(model_config, config.block_size, prepared.dtype))
+        # prompt plus generated tokens, at most: what was configured, what the model's positions allow,
+        # and what the cache holds (a sequence may never need more blocks than exist, or it could not
+        # run even alone)
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
-        # a sequence may never need more blocks than exist, or it could not run even alone
-        self.max_seq_len = min(self.max_model_len, num_blocks * config.block_size)
+                                 model_config.max_position_embeddings, num_blocks * config.block_size)
         eos = frozenset(tokenizer.eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -73,6 +74,8 @@ class LLMEngine:
         self.runner = ModelRunner(prepared, num_blocks=num_blocks, block_size=config.block_size,
                                   eos_token_ids=eos, seed=config.seed)
         self.grammars = GrammarCompilerCache(tokenizer, model_config.vocab_size)
+        self.backend = EngineBackend(device=str(prepared.device), dtype=str(prepared.dtype).removeprefix("torch."),
+                                     kernels=prepared.kernels, kernel_path=prepared.kernel_path)
         self.requests: dict[str, _Request] = {}
 
     # requests
@@ -84,9 +87,9 @@ class LLMEngine:
         vocab_size = self.model.config.vocab_size
         if any(not 0 <= t < vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        if len(prompt_token_ids) >= self.max_seq_len:
+        if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
-                             f"{self.max_seq_len}, with room for at least one generated token")
+                             f"{self.max_model_len}, with room for at least one generated token")
         bad_ids = [t for t in [*params.logit_bias, *params.stop_token_ids] if t >= vocab_size]
         if bad_ids:
             raise ValueError(f"token id {bad_ids[0]} is out of the vocabulary (size {vocab_size})")
@@ -108,7 +111,7 @@ class LLMEngine:
         leader = None
         seqs = []
         for index in range(params.n):
-            seq = Sequence(request_id, index, prompt_token_ids, params, self.max_seq_len, leader=leader,
+            seq = Sequence(request_id, index, prompt_token_ids, params, self.max_model_len, leader=leader,
                            tenant=tenant)
             leader = leader or seq
             seqs.append(seq)

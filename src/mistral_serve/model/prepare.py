@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mistral_serve.model.cpu.kernels import CpuKernels
+from mistral_serve.model.cpu.kernels import CpuKernels, backend as kernel_backend
 from mistral_serve.model.cpu.layers import FusedDecode, use_cpu_layers
 from mistral_serve.model.cpu.packed import PackedLinear, pack_linears
 from mistral_serve.model.fused import fuse_projections
@@ -45,7 +45,19 @@ def prepare_for_inference(model: Transformer, device: torch.device, kernels: Cpu
     attention_kernels = kernels if kernels is not None and kernels.can_attend(model.config.head_dim,
                                                                               weight.dtype) else None
     return PreparedModel(model, weight.device, weight.dtype, attention_kernels, fused_decode,
+                         kernels=_kernels(device, kernels),
                          kernel_path=_kernel_path(model, on_cpu_layers, attention_kernels, fused_decode))
+
+
+def _kernels(device: torch.device, kernels: CpuKernels | None) -> str:
+    """Which kernels run here, in a few words: ours (which instruction set, tile units or not), or torch's
+    and why ours do not."""
+    if device.type != "cpu":
+        return f"torch's on {device.type}"
+    found = kernel_backend()
+    if kernels is None and found.is_available:
+        return "torch's (ours were not given to this model)"
+    return found.describe()
 
 
 def _kernel_path(model: Transformer, on_cpu_layers: bool, attention_kernels: CpuKernels | None,

@@ -36,7 +36,8 @@ class PreparedModel:
     # decode attention on our CPU kernels, in place in the cache, where they take this model's heads
     attention_kernels: CpuKernels | None
     fused_decode: DecodeStep | None  # a decode-only step in one kernel call, where the model allows it
-    kernel_path: str  # which kernels run the model, in a few words, for the log
+    kernels: str  # which kernels this process runs here: ours (instruction set, tile units) or torch's and why
+    kernel_path: str  # which parts of the model run on our kernels, in a few words
 
     @property
     def config(self) -> ModelConfig:

@@ -21,9 +21,10 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(state: State, _: Ready) -> dict:
-    """Every model is loaded and its engine running (503 otherwise); whether the database takes usage
-    rows, and how many bytes of them wait on disk until it does."""
+    """Every model is loaded and its engine running (503 otherwise), and where and on which kernels each
+    runs; whether the database takes usage rows, and how many bytes of them wait on disk until it does."""
     return {"status": "ready", "models": [model.id for model in state.catalog],
+            "backends": {model.id: model.client.backend.as_dict() for model in state.catalog},
             "database": "reachable" if state.usage.is_database_reachable else "unreachable",
             "usage_backlog_bytes": await asyncio.to_thread(state.usage.backlog_bytes)}
 
