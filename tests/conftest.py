@@ -1,15 +1,19 @@
 """Fixtures shared across the test tree."""
 
 import os
-import tempfile
 
-# Before anything reads it: a default data directory of the tests' own, never the user's.
-os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mistral-serve-tests-")
+import pytest
 
-import pytest  # noqa: E402
+from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf
+from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable
 
-from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf  # noqa: E402
-from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable  # noqa: E402
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_data_home(tmp_path_factory):
+    """A default data directory of the tests' own, never the user's; the servers they start inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +120,3 @@ def db(database_url):
     engine = create_db_engine(database_url)
     yield create_session_factory(engine)
     engine.dispose()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import shutil
-
-    shutil.rmtree(os.environ["XDG_DATA_HOME"], ignore_errors=True)

@@ -119,7 +119,8 @@ def test_the_writer_keeps_rows_while_the_database_refuses_them(db, keys, tmp_pat
 
 
 def test_the_usage_command_prints_a_row_per_key_and_model(tmp_path, capsys):
-    from mistral_serve.cli import main, open_database
+    from mistral_serve.cli import main
+    from mistral_serve.cli_settings import open_database
     from mistral_serve.settings import Settings
 
     db = open_database(Settings(data_dir=tmp_path))
