@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from mistral_serve.tokenizer import ChatTokenizer, IncrementalDetokenizer
+from mistral_serve.detokenizer import IncrementalDetokenizer
+from mistral_serve.tokenizer import ChatTokenizer
 from tests.test_tokenizer import V1_FILE, demo, piece_id, v1, v3  # noqa: F401 (v1, v3, demo: fixtures)
 
 TEXTS = [

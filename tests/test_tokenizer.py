@@ -23,9 +23,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 import sentencepiece
 
 from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf
-from mistral_serve.tokenizer import (
-    ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError, load_tokenizer, mistral_tool_call_id,
-)
+from mistral_serve.tokenizer import ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError, load_tokenizer
+from mistral_serve.tool_call_ids import mistral_tool_call_id
 
 MISTRAL_DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
 V1_FILE = MISTRAL_DATA / "tokenizer.model.v1"

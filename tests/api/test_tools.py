@@ -20,7 +20,7 @@ from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.engine.builder import load_engine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
-from mistral_serve.tokenizer import mistral_tool_call_id
+from mistral_serve.tool_call_ids import mistral_tool_call_id
 from tests.api.conftest import MODEL_ID, bearer, serving, sse_events
 from tests.api.servers import V3_TOKENIZER
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
