@@ -7,7 +7,6 @@ import sys
 import time
 
 from mistral_serve.cli_admin import add_admin_commands
-from mistral_serve.cli_bench import add_bench_command
 from mistral_serve.cli_settings import open_database, settings_from, storage_flags
 
 
@@ -73,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
 
     add_admin_commands(commands)
-    add_bench_command(commands)
     return parser
 
 
