@@ -5,7 +5,9 @@ import os
 import pytest
 
 from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf
+from mistral_serve.tokenizer import load_tokenizer
 from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable
+from tests.tokenizers import V1_FILE, V3_FILE, checkpoint_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,6 +28,24 @@ def demo_path():
         if os.environ.get("CI"):
             pytest.fail(f"demo model not installed: {error}")
         pytest.skip(f"demo model not installed: {error}")
+
+
+# Tokenizers: Mistral's v1 and v3 (mistral-common's test files) and the demo's, for the tokenizer
+# and detokenizer tests
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    return load_tokenizer(checkpoint_dir(tmp_path_factory, V1_FILE, "tokenizer.model.v1"))
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    return load_tokenizer(checkpoint_dir(tmp_path_factory, V3_FILE, "tokenizer.model.v3"))
+
+
+@pytest.fixture(scope="session")
+def demo(demo_path):
+    """Loaded once per session: it takes a few seconds."""
+    return load_tokenizer(demo_path)
 
 
 # Servers: PostgreSQL and Redis of the session's own (tests/services.py), each started on first use

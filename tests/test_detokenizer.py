@@ -11,7 +11,7 @@ import pytest
 
 from mistral_serve.detokenizer import IncrementalDetokenizer
 from mistral_serve.tokenizer import ChatTokenizer
-from tests.test_tokenizer import V1_FILE, demo, piece_id, v1, v3  # noqa: F401 (v1, v3, demo: fixtures)
+from tests.tokenizers import V1_FILE, piece_id
 
 TEXTS = [
     "Hello, world!",

@@ -12,7 +12,7 @@ from mistral_serve.db import crud
 from mistral_serve.db.models import Usage
 from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
-from tests.db.test_usage import FlakySessions, record
+from tests.db.helpers import FlakySessions, record
 
 
 @pytest.fixture

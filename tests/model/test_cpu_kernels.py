@@ -19,8 +19,8 @@ from mistral_serve.model.cpu.packed import PackedLinear, pack_linears
 from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear, can_pack_int8, quantize_int4, quantize_int8
 from mistral_serve.tokenizer import load_tokenizer
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
-from tests.engine.test_engine_tiny import ByteTokenizer
-from tests.model.test_quant import prefill_logits
+from tests.engine.helpers import ByteTokenizer
+from tests.model.helpers import prefill_logits
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels cannot run here (see the log)")
 
