@@ -20,7 +20,8 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def is_test_module(module: str) -> bool:
-    return module.rsplit(".", 1)[-1].startswith("test_") and (TESTS.parent / (module.replace(".", "/") + ".py")).is_file()
+    path = TESTS.parent / (module.replace(".", "/") + ".py")
+    return path.name.startswith("test_") and path.is_file()
 
 
 def test_no_test_file_imports_from_a_test_module():

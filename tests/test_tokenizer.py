@@ -18,7 +18,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_serve.tokenizer import ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError, load_tokenizer
+from mistral_serve.tokenizer import (ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError,
+                                     load_tokenizer)
 from mistral_serve.tool_call_ids import mistral_tool_call_id
 from tests.tokenizers import TEKKEN_FILE, V1_FILE, V3_FILE, checkpoint_dir, piece_id
 

@@ -22,7 +22,7 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    # an empty variable counts as unset, as it did for the optional settings before
+    # an empty variable (MISTRAL_SERVE_THREADS=) counts as unset: the setting keeps its default
     model_config = SettingsConfigDict(env_prefix="MISTRAL_SERVE_", env_ignore_empty=True, frozen=True,
                                       extra="forbid")
 
@@ -34,9 +34,11 @@ class Settings(BaseSettings):
     model: str = "demo"  # a checkpoint path, a Hugging Face id (offline cache) or "demo"
     allow_download: bool = False
     device: str = "auto"  # "auto": CUDA when there, else CPU
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # "auto": bfloat16 where native, else float32
+    # "auto": bfloat16 on CUDA and CPUs with native bfloat16, else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["int8", "int4", "w8a8"] | None = None  # int4 and w8a8: CPU only
-    threads: int | None = Field(default=None, ge=1)  # CPU threads of the engine; None: $OMP_NUM_THREADS, else every core
+    # CPU threads of the engine; None: $OMP_NUM_THREADS, else every core
+    threads: int | None = Field(default=None, ge=1)
     kv_cache_memory_mb: int = Field(default=1024, ge=1)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -49,7 +51,8 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(default=120.0, ge=0)  # a request not started by then gets a 503
     max_concurrent_requests_per_key: int = Field(default=32, ge=1)  # in flight per API key and process; past it: 429
     shutdown_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM, how long in-flight requests may take to finish
-    database_outage_grace_s: float = Field(default=300.0, ge=0)  # a key checked this recently is served while the database is away
+    # a key checked this recently is served while the database is away
+    database_outage_grace_s: float = Field(default=300.0, ge=0)
     max_usage_backlog_mb: int = Field(default=256, ge=1)  # usage rows waiting on disk for the database; past it: 503
 
     @property
