@@ -293,8 +293,7 @@ def workload_from(args: argparse.Namespace) -> Workload:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral-serve bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", required=True, help="the server's OpenAI base URL, e.g. http://HOST:PORT/v1")
     parser.add_argument("--model", required=True, help="the model id to ask for")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),

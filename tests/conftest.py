@@ -1,15 +1,21 @@
 """Fixtures shared across the test tree."""
 
 import os
-import tempfile
 
-# Before anything reads it: a default data directory of the tests' own, never the user's.
-os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mistral-serve-tests-")
+import pytest
 
-import pytest  # noqa: E402
+from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf
+from mistral_serve.tokenizer import load_tokenizer
+from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable
+from tests.tokenizers import V1_FILE, V3_FILE, checkpoint_dir
 
-from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf  # noqa: E402
-from tests.services import PostgresServer, RedisServer, ServiceFailed, ServiceUnavailable  # noqa: E402
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_data_home(tmp_path_factory):
+    """A default data directory of the tests' own, never the user's; the servers they start inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +28,24 @@ def demo_path():
         if os.environ.get("CI"):
             pytest.fail(f"demo model not installed: {error}")
         pytest.skip(f"demo model not installed: {error}")
+
+
+# Tokenizers: Mistral's v1 and v3 (mistral-common's test files) and the demo's, for the tokenizer
+# and detokenizer tests
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    return load_tokenizer(checkpoint_dir(tmp_path_factory, V1_FILE, "tokenizer.model.v1"))
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    return load_tokenizer(checkpoint_dir(tmp_path_factory, V3_FILE, "tokenizer.model.v3"))
+
+
+@pytest.fixture(scope="session")
+def demo(demo_path):
+    """Loaded once per session: it takes a few seconds."""
+    return load_tokenizer(demo_path)
 
 
 # Servers: PostgreSQL and Redis of the session's own (tests/services.py), each started on first use
@@ -116,9 +140,3 @@ def db(database_url):
     engine = create_db_engine(database_url)
     yield create_session_factory(engine)
     engine.dispose()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import shutil
-
-    shutil.rmtree(os.environ["XDG_DATA_HOME"], ignore_errors=True)

@@ -3,9 +3,9 @@
 import pytest
 
 from mistral_serve.catalog import (
-    DEMO_MODEL_ID, DEMO_MODEL_SOURCE, KNOWN_MODELS, Catalog, ServedModel, card_for, default_model_specs,
-    parse_model_spec,
+    DEMO_MODEL_ID, KNOWN_MODELS, Catalog, ServedModel, card_for, default_model_specs, parse_model_spec,
 )
+from mistral_serve.model.checkpoints.loader import DEMO_SOURCE
 
 
 def test_known_mistral_models_have_their_context_and_only_v03_has_tools():
@@ -43,13 +43,13 @@ def test_with_no_model_given_the_demo_and_every_cached_mistral_are_served(tmp_pa
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(commit)
     assert default_model_specs(cache_dir=tmp_path) == [
-        (DEMO_MODEL_ID, DEMO_MODEL_SOURCE),
+        (DEMO_MODEL_ID, DEMO_SOURCE),
         ("mistralai/Mistral-7B-Instruct-v0.1",
          str(tmp_path / "models--mistralai--Mistral-7B-Instruct-v0.1" / "snapshots" / commit)),
         ("mistralai/Mistral-7B-Instruct-v0.3",
          str(tmp_path / "models--mistralai--Mistral-7B-Instruct-v0.3" / "snapshots" / commit)),
     ]
-    assert default_model_specs(cache_dir=tmp_path / "empty") == [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
+    assert default_model_specs(cache_dir=tmp_path / "empty") == [(DEMO_MODEL_ID, DEMO_SOURCE)]
 
 
 def test_the_demo_card_advises_its_own_sampling_and_the_mistral_cards_openais():

@@ -4,7 +4,8 @@ import io
 
 import pytest
 
-from mistral_serve.cli import main, open_database
+from mistral_serve.cli import main
+from mistral_serve.cli_settings import open_database
 from mistral_serve.db import crud
 from mistral_serve.settings import Settings
 

@@ -9,8 +9,9 @@ import random
 
 import pytest
 
-from mistral_serve.tokenizer import ChatTokenizer, IncrementalDetokenizer
-from tests.test_tokenizer import V1_FILE, demo, piece_id, v1, v3  # noqa: F401 (v1, v3, demo: fixtures)
+from mistral_serve.detokenizer import IncrementalDetokenizer
+from mistral_serve.tokenizer import ChatTokenizer
+from tests.tokenizers import V1_FILE, piece_id
 
 TEXTS = [
     "Hello, world!",

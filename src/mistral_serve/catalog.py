@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mistral_serve.engine.client import EngineClient
 
-DEMO_MODEL_ID = "smollm2-135m-instruct"
-DEMO_MODEL_SOURCE = "demo"
+DEMO_MODEL_ID = "smollm2-135m-instruct"  # the demo's served id; its source word is the loader's DEMO_SOURCE
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,9 @@ def default_model_specs(cache_dir: str | os.PathLike | None = None) -> list[tupl
     """What `serve` serves when no --model is given: the demo model, then every known Mistral model
     found in the local Hugging Face cache (`cache_dir`, default: the usual one), each as (id, source).
     The lookup is offline: nothing is downloaded."""
-    from mistral_serve.model.checkpoints.loader import CheckpointError, resolve_checkpoint
+    from mistral_serve.model.checkpoints.loader import DEMO_SOURCE, CheckpointError, resolve_checkpoint
 
-    specs = [(DEMO_MODEL_ID, DEMO_MODEL_SOURCE)]
+    specs = [(DEMO_MODEL_ID, DEMO_SOURCE)]
     for model_id in KNOWN_MODELS:
         if model_id == DEMO_MODEL_ID:
             continue

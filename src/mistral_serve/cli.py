@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-from pathlib import Path
 import sys
 import time
 
-from mistral_serve.settings import Settings
+from mistral_serve.cli_admin import add_admin_commands
+from mistral_serve.cli_settings import open_database, settings_from, storage_flags
 
 
 def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = False) -> None:
@@ -33,21 +32,6 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step at most")
     parser.add_argument("--max-model-len", type=int, help="context length to serve (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, help="seed for requests that bring none")
-
-
-def storage_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, help="where the SQLite database lives (env MISTRAL_SERVE_DATA_DIR)")
-    parser.add_argument("--database-url", help="sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/NAME "
-                                               "(env MISTRAL_SERVE_DATABASE_URL; default: SQLite in the data dir)")
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    names = ("model", "allow_download", "device", "dtype", "quantize", "threads", "kv_cache_memory_mb", "max_num_seqs",
-             "max_num_batched_tokens", "max_model_len", "seed", "host", "port", "data_dir", "database_url",
-             "redis_url", "max_queued_requests", "max_queued_prompt_tokens", "queue_timeout_s",
-             "max_concurrent_requests_per_key", "shutdown_timeout_s", "database_outage_grace_s",
-             "max_usage_backlog_mb")
-    return Settings.load({name: getattr(args, name, None) for name in names})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,21 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     storage_flags(serve)
     serve.set_defaults(run=run_serve)
 
-    from mistral_serve.cli_admin import add_admin_commands
-    add_admin_commands(commands, storage_flags)
-    from mistral_serve.cli_bench import add_bench_command
-    add_bench_command(commands)
+    add_admin_commands(commands)
     return parser
-
-
-def open_database(settings: Settings):
-    """The settings' database, migrated to the newest schema: a session factory."""
-    from mistral_serve.db.migrations import upgrade_to_head
-    from mistral_serve.db.session import create_db_engine, create_session_factory
-
-    url = settings.resolved_database_url
-    upgrade_to_head(url)
-    return create_session_factory(create_db_engine(url))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -124,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"loading {model_id} from {source}", file=sys.stderr)
         # a known model is served up to its documented context, never beyond
         max_model_len = settings.max_model_len or card_for(model_id).context_length
-        model_settings = replace(settings, model=source, max_model_len=max_model_len)
+        model_settings = settings.model_copy(update={"model": source, "max_model_len": max_model_len})
         engines[model_id] = load_async_engine(model_settings, num_threads)
     app = create_app(settings, engines, db)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",

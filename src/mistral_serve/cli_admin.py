@@ -7,10 +7,10 @@ from datetime import date, datetime, time, timezone
 import getpass
 import sys
 
-from mistral_serve.cli import open_database, settings_from
+from mistral_serve.cli_settings import open_database, settings_from, storage_flags
 
 
-def add_admin_commands(commands, storage_flags) -> None:
+def add_admin_commands(commands) -> None:
     accounts = commands.add_parser("accounts", help="create, list, disable and enable accounts")
     account_commands = accounts.add_subparsers(dest="action", required=True)
     create = account_commands.add_parser("create", help="create an account")

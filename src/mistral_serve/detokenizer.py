@@ -9,18 +9,22 @@ byte tokens only shows once all its bytes are in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mistral_serve.tokenizer import ChatTokenizer
+from collections.abc import Iterable
+from typing import Protocol
 
 _REPLACEMENT = "\ufffd"
+
+
+class Decoder(Protocol):
+    """All a detokenizer needs of a tokenizer (every ChatTokenizer is one)."""
+
+    def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:
     """Invariant: the deltas of `push` and `flush` add up to `tokenizer.decode(all pushed ids)`."""
 
-    def __init__(self, tokenizer: ChatTokenizer, *, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Decoder, *, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []

@@ -12,10 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from itertools import groupby
 from pathlib import Path
-import hashlib
 import json
 import re
-import string
 from typing import Any
 
 from mistral_common.exceptions import MistralCommonException
@@ -29,11 +27,11 @@ from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenize
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 import pydantic
 
-from mistral_serve.detokenizer import IncrementalDetokenizer
+from mistral_serve.tool_call_ids import mistral_tool_call_id
 
 __all__ = [
-    "ChatTemplateError", "ChatTokenizer", "HFTokenizer", "IncrementalDetokenizer",
-    "MistralCommonTokenizer", "TokenizerError", "load_tokenizer", "mistral_tool_call_id",
+    "ChatTemplateError", "ChatTokenizer", "HFTokenizer",
+    "MistralCommonTokenizer", "TokenizerError", "load_tokenizer",
 ]
 
 
@@ -111,26 +109,6 @@ def _reason(error: Exception) -> str:
     if isinstance(error, pydantic.ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))
     return str(error)
-
-
-_MISTRAL_TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
-_ALPHANUMERICS = string.digits + string.ascii_letters
-
-
-def mistral_tool_call_id(client_id: str) -> str:
-    """The id Mistral's format allows (exactly 9 letters or digits) for a client's tool-call id.
-
-    Valid ids are kept; any other id maps to a hash of itself, so an assistant's tool call and
-    the tool message answering it keep matching ids.
-    """
-    if _MISTRAL_TOOL_CALL_ID.fullmatch(client_id):
-        return client_id
-    number = int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:8], "big")
-    chars = []
-    for _ in range(9):
-        number, index = divmod(number, len(_ALPHANUMERICS))
-        chars.append(_ALPHANUMERICS[index])
-    return "".join(chars)
 
 
 def _with_mistral_ids(message: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+import shutil
 import threading
 import time
 
@@ -15,17 +16,21 @@ import uvicorn
 import yaml
 
 from mistral_serve.api.app import create_app
+from mistral_serve.api.limits import InProcessCounters
+from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db import crud
 from mistral_serve.db.migrations import upgrade_to_head
 from mistral_serve.db.session import create_db_engine, create_session_factory
 from mistral_serve.engine.async_engine import AsyncEngine
-from mistral_serve.engine.builder import prepare_model
+from mistral_serve.engine.builder import load_engine, prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import ChatTemplateError
+from tests.api.servers import V3_TOKENIZER
+from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 from tests.conftest import database_url_for
-from tests.engine.test_engine_tiny import ByteTokenizer
-from tests.model.test_paged_numerics import mistral_config, reference_and_ours
+from tests.engine.helpers import ByteTokenizer
+from tests.model.helpers import mistral_config, reference_and_ours
 
 MODEL_ID = "mistralai/Mistral-7B-Instruct-v0.3"
 CONTEXT_LENGTH = 1024
@@ -200,3 +205,35 @@ def tiny_v3(tmp_path_factory):
     from tests.api.servers import write_tiny_v3_checkpoint
 
     return write_tiny_v3_checkpoint(tmp_path_factory.mktemp("tiny-v3"))
+
+
+# a tiny random checkpoint in v0.3's format, with Mistral's real v3 tokenizer (tool calls, grammars)
+
+@pytest.fixture(scope="module")
+def v3_engine(tmp_path_factory):
+    config = tiny_mistral_config(vocab_size=32768, max_position_embeddings=1024)
+    path, _ = write_hf_checkpoint(tmp_path_factory.mktemp("v3"), config)
+    shutil.copy(V3_TOKENIZER, path / "tokenizer.model.v3")
+    return load_engine(str(path), config=EngineConfig(block_size=16, num_kv_blocks=256, max_num_seqs=16))
+
+
+@pytest.fixture(scope="module")
+def v3_client(v3_engine, api_db, tmp_path_factory, api_key):
+    with TestClient(create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(v3_engine)}, api_db),
+                    headers=bearer(api_key)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def closers(v3_engine):
+    """logit_bias that makes a random model likely to close strings and objects; only the grammar
+    makes the output valid."""
+    vocab = v3_engine.tokenizer.grammar_vocab()
+    bias = {b'"': 10.0, b"}": 4.0, b"]": 4.0}
+    return {str(i): bias[piece] for i, piece in enumerate(vocab) if piece in bias}
+
+
+@pytest.fixture
+def fresh_throttle(app):
+    """No failed log-ins counted yet: a module's tests all log in from the same address."""
+    app.state.login_throttle = LoginThrottle(InProcessCounters())

@@ -12,43 +12,11 @@ from mistral_serve.api.limits import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db.models import Account, LoginSession, Usage
 from tests.api.conftest import bearer, chat
+from tests.api.helpers import PASSWORD, Browser, error_code, signed_up
 from tests.conftest import DATABASE_BACKENDS
 
 API_DB_BACKENDS = DATABASE_BACKENDS
-PASSWORD = "correct horse battery"
-
-
-class Browser:
-    """One browser: its own cookie jar, and the CSRF header on every state-changing request, as the
-    dashboard's pages send it (`csrf=False` leaves it out)."""
-
-    def __init__(self, base_url: str):
-        self.http = httpx.Client(base_url=base_url, timeout=30)
-
-    def request(self, method: str, path: str, *, csrf: bool = True, **kwargs) -> httpx.Response:
-        headers = kwargs.pop("headers", {})
-        if csrf and method != "GET" and "msv_csrf" in self.http.cookies:
-            headers = {"X-CSRF-Token": self.http.cookies["msv_csrf"], **headers}
-        return self.http.request(method, "/api/account" + path, headers=headers, **kwargs)
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
-        return self.request("POST", path, json=body, **kwargs)
-
-    def patch(self, path: str, body: dict, **kwargs) -> httpx.Response:
-        return self.request("PATCH", path, json=body, **kwargs)
-
-    def delete(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
-        return self.request("DELETE", path, json=body, **kwargs)
-
-
-def signed_up(base_url: str, email: str, password: str = PASSWORD) -> Browser:
-    browser = Browser(base_url)
-    response = browser.post("/signup", {"email": email, "password": password})
-    assert response.status_code == 201, response.text
-    return browser
+pytestmark = pytest.mark.usefixtures("fresh_throttle")  # the tests all log in from the same address
 
 
 def logged_in(base_url: str, email: str, password: str = PASSWORD) -> Browser:
@@ -56,10 +24,6 @@ def logged_in(base_url: str, email: str, password: str = PASSWORD) -> Browser:
     response = browser.post("/login", {"email": email, "password": password})
     assert response.status_code == 200, response.text
     return browser
-
-
-def error_code(response: httpx.Response) -> str:
-    return response.json()["error"]["code"]
 
 
 def chat_status(base_url: str, secret: str) -> int:
@@ -70,12 +34,6 @@ def chat_status(base_url: str, secret: str) -> int:
 def set_cookies(response: httpx.Response) -> dict[str, str]:
     """Each Set-Cookie header by cookie name, as sent."""
     return {header.split("=", 1)[0]: header for header in response.headers.get_list("set-cookie")}
-
-
-@pytest.fixture(autouse=True)
-def fresh_throttle(app):
-    """Every test starts with no failed log-ins counted: they all come from the same address."""
-    app.state.login_throttle = LoginThrottle(InProcessCounters())
 
 
 # signing up, logging in and out

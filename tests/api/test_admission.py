@@ -13,7 +13,7 @@ from mistral_serve.api.in_flight import InFlight
 from mistral_serve.api.limits import InProcessCounters, RateLimiter
 from mistral_serve.db.crud import KeyLimits
 from mistral_serve.db.key_store import ActiveKey
-from tests.api.test_limits import FakeClock
+from tests.api.helpers import FakeClock
 
 
 class FakeUsage:

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from mistral_serve.api.app import create_app
-from mistral_serve.cli import open_database
+from mistral_serve.cli_settings import open_database
 from mistral_serve.db import crud
 from mistral_serve.db.models import Base
 from mistral_serve.engine.async_engine import AsyncEngine

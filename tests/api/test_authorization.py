@@ -20,7 +20,7 @@ from mistral_serve.api.limits import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db import crud
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key
-from tests.api.test_accounts import PASSWORD, Browser, error_code, signed_up
+from tests.api.helpers import PASSWORD, Browser, error_code, signed_up
 
 PUBLIC, KEY, SESSION, CHANGE, OPEN = "public", "key", "session", "change", "open"
 

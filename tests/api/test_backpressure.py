@@ -11,20 +11,13 @@ import pytest
 
 from mistral_serve.api.app import create_app
 from mistral_serve.engine.async_engine import AsyncEngine, QueueLimits
-from mistral_serve.engine.engine import EngineConfig, LLMEngine
+from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, NO_EOS, ChatByteTokenizer, chat, new_key, serving, wait_until
+from tests.api.helpers import SlowEngine
 from tests.api.load import metric, stream_chat
 
 LONG = chat(max_tokens=600, logit_bias=NO_EOS)  # runs for seconds on the tiny model, one at a time
-
-
-class SlowEngine(LLMEngine):
-    """The tiny model at the pace of a big one: 20 ms a step, so a long request keeps its place."""
-
-    def step(self):
-        time.sleep(0.02)
-        return super().step()
 
 
 @pytest.fixture

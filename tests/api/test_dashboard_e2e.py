@@ -7,13 +7,15 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import httpx
+import pytest
 from sqlalchemy import inspect, text
 
 from tests.api.conftest import MODEL_ID, NO_EOS, bearer, chat
-from tests.api.test_accounts import PASSWORD, Browser, fresh_throttle, signed_up  # noqa: F401 (a fixture)
+from tests.api.helpers import PASSWORD, Browser, signed_up
 from tests.conftest import DATABASE_BACKENDS
 
 API_DB_BACKENDS = DATABASE_BACKENDS
+pytestmark = pytest.mark.usefixtures("fresh_throttle")  # the tests all log in from the same address
 
 
 def database_text(api_db) -> str:

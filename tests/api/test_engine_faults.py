@@ -12,9 +12,9 @@ from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, ChatByteTokenizer, bearer, chat, new_key, serving, wait_until
+from tests.api.helpers import SlowEngine
 from tests.api.load import metric, stream_chat
-from tests.api.test_backpressure import SlowEngine
-from tests.engine.test_engine_tiny import FaultyModel
+from tests.engine.helpers import FaultyModel
 
 POISON_TEXT = "\u2620"  # its last UTF-8 byte, 0xA0, is the token that breaks the model run
 POISON = POISON_TEXT.encode()[-1]

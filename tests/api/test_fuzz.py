@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 from mistral_serve.api.errors import APIError, from_validation_error
 from mistral_serve.api.protocol import ChatCompletionRequest
 from tests.api.conftest import MODEL_ID, bearer, chat
-from tests.api.test_accounts import Browser, signed_up
+from tests.api.helpers import Browser, signed_up
 
 NUM_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))  # per operation and mode
 CHEAP = 2  # n and max_tokens are clamped to this: the tiny model answers every valid body quickly

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from mistral_serve.api.app import create_app
-from mistral_serve.api.deps import MAX_BODY_BYTES
+from mistral_serve.api.middleware import MAX_BODY_BYTES
 from mistral_serve.api.limits import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db.migrations import upgrade_to_head
@@ -25,7 +25,7 @@ from mistral_serve.db.session import create_db_engine, create_session_factory
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key, serving
-from tests.api.test_accounts import PASSWORD, Browser, error_code, signed_up
+from tests.api.helpers import PASSWORD, Browser, error_code, signed_up
 from tests.conftest import DATABASE_BACKENDS, database_url_for, drop_database_for
 
 CHAT = "/v1/chat/completions"

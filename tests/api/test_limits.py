@@ -16,20 +16,7 @@ from mistral_serve.db.key_store import ActiveKey
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, NO_EOS, bearer, chat, sse_events
-
-WINDOW_START = 1_800_000_000 // 60 * 60  # a minute's first second
-
-
-class FakeClock:
-    def __init__(self, now: float = WINDOW_START + 10):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
+from tests.api.helpers import FakeClock
 
 def active_key(key_id: int = 1, **limits) -> ActiveKey:
     return ActiveKey(key_id, 1, "tests", "abcdefgh", KeyLimits(**limits))

@@ -4,7 +4,7 @@ import jsonschema
 import pytest
 
 from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, chat
-from tests.api.test_errors import BAD_REQUESTS
+from tests.api.helpers import BAD_REQUESTS
 
 OPENAI_FIELDS = {"id", "object", "created", "owned_by"}
 OUR_FIELDS = {"display_name", "description", "context_length", "capabilities", "quantization", "backend",

@@ -7,7 +7,6 @@ import jsonschema
 import pytest
 
 from tests.api.conftest import MODEL_ID, sse_events
-from tests.api.test_tools import closers, v3_client, v3_engine  # noqa: F401 (fixtures)
 
 SCHEMA = {"type": "object", "properties": {
     "answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 10},

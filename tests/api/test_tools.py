@@ -4,9 +4,7 @@ checkpoint in v0.3's format (Mistral's real v3 tokenizer), where only the gramma
 from dataclasses import replace
 import json
 import re
-import shutil
 
-from fastapi.testclient import TestClient
 import jsonschema
 import openai
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralRequest
@@ -17,13 +15,9 @@ import pytest
 from mistral_serve.api.app import create_app
 from mistral_serve.api.tools import ToolCallScanner, ToolCalling, parse_tool_calls, tool_calls_token_id
 from mistral_serve.engine.async_engine import AsyncEngine
-from mistral_serve.engine.builder import load_engine
-from mistral_serve.engine.engine import EngineConfig
 from mistral_serve.settings import Settings
-from mistral_serve.tokenizer import mistral_tool_call_id
-from tests.api.conftest import MODEL_ID, bearer, serving, sse_events
-from tests.api.servers import V3_TOKENIZER
-from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
+from mistral_serve.tool_call_ids import mistral_tool_call_id
+from tests.api.conftest import MODEL_ID, serving, sse_events
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 12},
@@ -95,29 +89,6 @@ def test_auto_reads_text_then_calls_and_malformed_calls_become_content():
 
 
 # over HTTP, on a random v0.3-format checkpoint
-
-@pytest.fixture(scope="module")
-def v3_engine(tmp_path_factory):
-    config = tiny_mistral_config(vocab_size=32768, max_position_embeddings=1024)
-    path, _ = write_hf_checkpoint(tmp_path_factory.mktemp("v3"), config)
-    shutil.copy(V3_TOKENIZER, path / "tokenizer.model.v3")
-    return load_engine(str(path), config=EngineConfig(block_size=16, num_kv_blocks=256, max_num_seqs=16))
-
-
-@pytest.fixture(scope="module")
-def v3_client(v3_engine, api_db, tmp_path_factory, api_key):
-    with TestClient(create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), {MODEL_ID: AsyncEngine(v3_engine)}, api_db),
-                    headers=bearer(api_key)) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def closers(v3_engine):
-    """logit_bias that makes a random model likely to close strings and objects; only the grammar
-    makes the output valid."""
-    vocab = v3_engine.tokenizer.grammar_vocab()
-    bias = {b'"': 10.0, b"}": 4.0, b"]": 4.0}
-    return {str(i): bias[piece] for i, piece in enumerate(vocab) if piece in bias}
 
 
 def body(closers, **fields):

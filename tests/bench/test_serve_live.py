@@ -1,11 +1,15 @@
-"""`mistral-serve bench` against a real `mistral-serve serve` of the tiny random v0.3 checkpoint."""
+"""The serving benchmark (bench/serve.py) against a real `mistral-serve serve` of the tiny random v0.3 checkpoint."""
 
 import json
 import subprocess
+import sys
 
 import pytest
 
-from tests.api.servers import CLI, V3_MODEL_ID, mistral_serve, write_tiny_v3_checkpoint
+from tests.api.servers import V3_MODEL_ID, mistral_serve, write_tiny_v3_checkpoint
+from tests.bench.conftest import BENCH_DIR
+
+BENCH = [sys.executable, str(BENCH_DIR / "serve.py")]
 
 V3_EOS_ID = 2  # banned, so that every random reply runs to the tokens asked for
 
@@ -21,7 +25,7 @@ def tiny_server(tmp_path_factory):
 def test_the_benchmark_reports_every_level_and_draws_the_chart(tiny_server, tmp_path):
     output = tmp_path / "serve.json"
     done = subprocess.run(
-        [CLI, "bench", "--base-url", f"{tiny_server.url}/v1", "--model", V3_MODEL_ID, "--api-key", tiny_server.key,
+        [*BENCH, "--base-url", f"{tiny_server.url}/v1", "--model", V3_MODEL_ID, "--api-key", tiny_server.key,
          "--name", "tiny", "--concurrency", "1,2", "--prompt-tokens", "16", "--output-tokens", "4",
          "--ban-tokens", str(V3_EOS_ID), "--server-pid", str(tiny_server.process.pid), "--output", str(output)],
         capture_output=True, text=True, timeout=240)
@@ -46,7 +50,7 @@ def test_the_benchmark_reports_every_level_and_draws_the_chart(tiny_server, tmp_
 def test_failed_requests_are_counted_not_hidden(tiny_server, tmp_path):
     output = tmp_path / "serve.json"
     done = subprocess.run(
-        [CLI, "bench", "--base-url", f"{tiny_server.url}/v1", "--model", V3_MODEL_ID, "--api-key", "msk-wrong",
+        [*BENCH, "--base-url", f"{tiny_server.url}/v1", "--model", V3_MODEL_ID, "--api-key", "msk-wrong",
          "--concurrency", "1", "--output-tokens", "2", "--warmup-requests", "0", "--no-chart",
          "--output", str(output)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -30,11 +30,13 @@ def test_other_databases_are_refused_without_showing_the_password():
     assert "hunter2" not in str(error.value)
 
 
-def test_every_command_finds_the_same_database_from_the_settings(tmp_path):
-    default = Settings.load(environ={"MISTRAL_SERVE_DATA_DIR": str(tmp_path)})
+def test_every_command_finds_the_same_database_from_the_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTRAL_SERVE_DATA_DIR", str(tmp_path))
+    default = Settings()
     assert default.resolved_database_url == f"sqlite:///{tmp_path / 'mistral-serve.db'}"
-    chosen = Settings.load(environ={"MISTRAL_SERVE_DATA_DIR": str(tmp_path),
-                                    "MISTRAL_SERVE_DATABASE_URL": "postgresql+psycopg://u@db/name"})
+    monkeypatch.setenv("MISTRAL_SERVE_DATABASE_URL", "postgresql+psycopg://u@db/name")
+    chosen = Settings()
     assert chosen.resolved_database_url == "postgresql+psycopg://u@db/name"
+    monkeypatch.delenv("MISTRAL_SERVE_DATABASE_URL")
     assert Path(Settings.load({"data_dir": tmp_path / "flag"}).resolved_database_url[len("sqlite:///"):]).parent \
         == tmp_path / "flag"

@@ -1,25 +1,15 @@
 """Usage rows: written in batches by the background writer, summed per key, model and day."""
 
-from datetime import date, datetime, timedelta, timezone
-import uuid
+from datetime import date, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
 from mistral_serve.db import crud
-from mistral_serve.db.crud import UsageRecord
 from mistral_serve.db.models import Usage
 from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
-
-DAY_1 = datetime(2025, 3, 1, 23, 30, tzinfo=timezone.utc)
-DAY_2 = datetime(2025, 3, 2, 0, 30, tzinfo=timezone.utc)
-
-
-def record(key, model="m", prompt=10, completion=5, status="ok", when=DAY_1, **fields) -> UsageRecord:
-    return UsageRecord(request_id=f"chatcmpl-{uuid.uuid4().hex}", key_id=key.id, account_id=key.account_id,
-                       model=model, status=status, http_status=200 if status == "ok" else 500, duration_ms=12,
-                       prompt_tokens=prompt, completion_tokens=completion, created_at=when, **fields)
+from tests.db.helpers import DAY_1, DAY_2, FlakySessions, record
 
 
 def test_totals_per_key_model_and_day_cover_only_the_account_and_range(db, keys):
@@ -91,22 +81,6 @@ def test_the_writer_batches_rows_and_writes_every_one_before_it_closes(db, keys,
         assert session.scalar(select(func.sum(Usage.completion_tokens))) == 10 * 5 + sum(range(25))
 
 
-class FlakySessions:
-    """A session factory whose first `failures` sessions fail to write."""
-
-    def __init__(self, sessions, failures: int):
-        self.sessions = sessions
-        self.failures = failures
-
-    def __call__(self):
-        from sqlalchemy.exc import OperationalError
-
-        if self.failures:
-            self.failures -= 1
-            raise OperationalError("INSERT", {}, Exception("database is locked"))
-        return self.sessions()
-
-
 def test_the_writer_keeps_rows_while_the_database_refuses_them(db, keys, tmp_path):
     writer = UsageWriter(FlakySessions(db, failures=2), UsageSpool(tmp_path), flush_interval_s=0,
                          retry_interval_s=0.01)
@@ -119,7 +93,8 @@ def test_the_writer_keeps_rows_while_the_database_refuses_them(db, keys, tmp_pat
 
 
 def test_the_usage_command_prints_a_row_per_key_and_model(tmp_path, capsys):
-    from mistral_serve.cli import main, open_database
+    from mistral_serve.cli import main
+    from mistral_serve.cli_settings import open_database
     from mistral_serve.settings import Settings
 
     db = open_database(Settings(data_dir=tmp_path))

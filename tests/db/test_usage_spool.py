@@ -12,7 +12,7 @@ from mistral_serve.db import crud
 from mistral_serve.db.models import Usage
 from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
-from tests.db.test_usage import FlakySessions, record
+from tests.db.helpers import FlakySessions, record
 
 
 @pytest.fixture
@@ -119,7 +119,8 @@ def test_many_rows_are_written_in_batches_with_none_lost(db, keys, spool_dir):
 
 
 def test_the_usage_command_counts_rows_a_stopped_server_left_on_disk(tmp_path, capsys):
-    from mistral_serve.cli import main, open_database
+    from mistral_serve.cli import main
+    from mistral_serve.cli_settings import open_database
     from mistral_serve.settings import Settings
 
     settings = Settings(data_dir=tmp_path)

@@ -6,32 +6,8 @@ import torch
 from mistral_serve.engine.builder import prepare_model
 from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import SamplingParams
-from mistral_serve.tokenizer import ChatTokenizer
-from tests.model.test_paged_numerics import mistral_config, reference_and_ours
-
-
-class ByteTokenizer(ChatTokenizer):
-    """Token id = byte value; id 0 is the end of sequence."""
-
-    vocab_size = 256
-    bos_token_id = None
-    eos_token_ids = frozenset({0})
-    supports_tools = False
-
-    def encode_chat(self, messages, tools=None):
-        return self.encode("".join(m["content"] for m in messages))
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, token_ids, skip_special_tokens=True):
-        return bytes(t for t in token_ids if t or not skip_special_tokens).decode(errors="replace")
-
-    def token_bytes(self, token_id):
-        return bytes([token_id])
-
-    def is_special(self, token_id):
-        return token_id == 0
+from tests.engine.helpers import ByteTokenizer, FaultyModel
+from tests.model.helpers import mistral_config, reference_and_ours
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +68,6 @@ def test_text_deltas_add_up_to_the_decoded_output_and_abort_frees_blocks(model):
     final = engine.abort_request("gone")
     assert [delta.finish_reason for delta in final] == ["abort"]
     assert engine.num_kv_blocks_used == 0 and not engine.has_unfinished_requests()
-
-
-class FaultyModel:
-    """The model, except that a run fails whenever its batch holds the poison token, or once when
-    told to (a fault that does not recur)."""
-
-    POISON = 0  # the end-of-sequence byte: prompts() never draws it
-
-    def __init__(self, model, poison: int = POISON):
-        self.model, self.poison, self.fail_once = model, poison, False
-
-    def __call__(self, token_ids, *args):
-        if self.fail_once or (token_ids == self.poison).any():
-            self.fail_once = False
-            raise RuntimeError("the model run failed")
-        return self.model(token_ids, *args)
 
 
 def faulty_engine(model):

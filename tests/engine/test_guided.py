@@ -18,7 +18,7 @@ from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.engine.params import GuidedDecoding, SamplingParams
 from mistral_serve.tokenizer import load_tokenizer
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
-from tests.model.test_paged_numerics import mistral_config, reference_and_ours
+from tests.model.helpers import mistral_config, reference_and_ours
 
 V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 NUM_PADDING_IDS = 64  # the HF model's vocabulary is larger than its tokenizer's

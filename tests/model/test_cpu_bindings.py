@@ -14,12 +14,11 @@ import torch
 
 from mistral_serve.model.cpu import build, kernels as cpu_kernels, library
 from mistral_serve.model.cpu.header import HeaderError, read_header
+from tests.model.helpers import needs_kernels
 
 ON_X86_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
 needs_compiler = pytest.mark.skipif(not ON_X86_LINUX or build.find_compiler() is None,
                                     reason="the kernels build on Linux x86-64 with a C compiler; none here")
-needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None,
-                                   reason=f"the CPU kernels cannot run here: {cpu_kernels.backend().reason}")
 
 
 @needs_compiler

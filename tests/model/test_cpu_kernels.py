@@ -21,10 +21,9 @@ from mistral_serve.model.cpu.packed import PackedLinear, pack_linears
 from mistral_serve.model.quant import Int4Linear, Int8Linear, W8A8Linear, can_pack_int8, quantize_int4, quantize_int8
 from mistral_serve.tokenizer import load_tokenizer
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
-from tests.engine.test_engine_tiny import ByteTokenizer
-from tests.model.test_quant import prefill_logits
+from tests.engine.helpers import ByteTokenizer
+from tests.model.helpers import head_dim_32_config, needs_kernels, prefill_logits
 
-needs_kernels = pytest.mark.skipif(cpu_kernels.load() is None, reason="the CPU kernels cannot run here (see the log)")
 
 
 @contextmanager
@@ -198,12 +197,6 @@ def test_paged_decode_attention_reads_the_cache_in_place(num_heads, num_kv_heads
         return ((result.double() - exact).norm() / exact.norm()).item()
     # float32 scores and softmax, output rounded to bfloat16 (~2e-3 here): as close as SDPA's
     assert error(out) <= 1.1 * error(sdpa) + 1e-5 and error(out) < 4e-3
-
-
-def head_dim_32_config(**overrides):
-    """The tiny model with heads of 32, the smallest the fused CPU layers take."""
-    return tiny_mistral_config(hidden_size=128, intermediate_size=256, num_attention_heads=4, head_dim=32,
-                               **overrides)
 
 
 @needs_kernels

@@ -8,7 +8,7 @@ from mistral_serve.model.fused import fuse_projections, stack_linears
 from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from tests.checkpoints import tiny_llama_config, tiny_mistral_config, write_hf_checkpoint
-from tests.model.test_quant import prefill_logits
+from tests.model.helpers import prefill_logits
 
 OUT_FEATURES = (128, 64, 64)  # q, k, v of a grouped-query layer: multiples of the int4 row block
 

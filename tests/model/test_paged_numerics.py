@@ -17,48 +17,17 @@ from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner
 from mistral_serve.engine.scheduler import Scheduler
 from mistral_serve.engine.sequence import Sequence
-from mistral_serve.model.config import ModelConfig
 from mistral_serve.model.checkpoints.loader import load_model
-from mistral_serve.model.mistral import Transformer
-from tests.checkpoints import (hf_state_dict, random_hf_model, tiny_llama_config, tiny_mistral_config,
-                               write_gguf_checkpoint, write_hf_checkpoint, write_native_checkpoint)
+from tests.checkpoints import tiny_llama_config, write_hf_checkpoint
+from tests.model.helpers import mistral_config, reference_and_ours
 
 TOLERANCE = 1e-4
 VOCAB = 512
 
 
-def mistral_config(**overrides):
-    """Grouped-query attention and a sliding window (8) much shorter than the sequences (~30)."""
-    return tiny_mistral_config(sliding_window=8, **overrides)
-
-
 def llama_config(**overrides):
     """One KV head for all query heads, tied embeddings."""
     return tiny_llama_config(num_key_value_heads=1, **overrides)
-
-
-def reference_and_ours(hf_config, tmp_path=None, checkpoint_format="hf"):
-    """The transformers model and ours on the same random weights. With tmp_path, ours is loaded
-    from a checkpoint written to disk in the given format; otherwise the weights are copied over."""
-    hf_config._attn_implementation = "eager"
-    if tmp_path is None:
-        reference = random_hf_model(hf_config).eval()
-        ours = Transformer(ModelConfig.from_hf_config(hf_config.to_dict()))
-        state = hf_state_dict(reference)
-        if ours.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        ours.load_state_dict(state, strict=True)
-        ours.tie_weights()
-        ours.rotary.build(torch.device("cpu"))
-        return reference, ours.eval()
-    path, reference = write_hf_checkpoint(tmp_path, hf_config)
-    if checkpoint_format == "native":
-        path = write_native_checkpoint(tmp_path / "native", reference)
-    elif checkpoint_format == "gguf":
-        architecture = "llama" if hf_config.model_type == "llama" else "mistral"
-        (tmp_path / "gguf").mkdir()
-        path = write_gguf_checkpoint(tmp_path / "gguf", reference, architecture=architecture)
-    return reference.eval(), load_model(path)
 
 
 def run_teacher_forced(model, sequences_with_arrival, *, block_size=4, num_blocks=64, budget=12):

@@ -9,8 +9,7 @@ from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.cpu.layers import CpuRMSNorm
 from mistral_serve.model.prepare import prepare_for_inference
 from tests.checkpoints import write_hf_checkpoint
-from tests.model.test_cpu_kernels import head_dim_32_config, needs_kernels
-from tests.model.test_quant import prefill_logits
+from tests.model.helpers import head_dim_32_config, needs_kernels, prefill_logits
 
 CPU = torch.device("cpu")
 

@@ -5,13 +5,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mistral_serve.model.attention import AttentionMetadata, PrefillChunk
 from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.cpu import kernels as cpu_kernels
 from mistral_serve.model.cpu.packed import pack_linears
 from mistral_serve.model.quant import Int8Linear, W8A8Linear, can_pack_int8, quantize_int8, swap_linears_for_int8
 from tests.checkpoints import (hf_state_dict, tiny_llama_config, tiny_mistral_config, write_gguf_checkpoint,
                                write_hf_checkpoint)
+from tests.model.helpers import prefill_logits
 
 # The int8 model against the float model with the same dequantized weights: only float rounding
 # differs (measured ~7e-6 on logits of spread ~1.7).
@@ -119,22 +119,6 @@ def test_swap_linears_for_int8_refuses_biases():
 
 
 # whole models
-
-def prefill_logits(model, token_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of every position of one prompt, run as a single prefill chunk."""
-    config, num_tokens, block_size = model.config, len(token_ids), 16
-    num_blocks = -(-num_tokens // block_size)
-    dtype = model.embed_tokens.weight.dtype
-    kv_caches = [(torch.zeros(num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype),
-                  torch.zeros(num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype))
-                 for _ in range(config.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens), num_decodes=0, decode_block_tables=None,
-                             decode_context_lens=None,
-                             prefills=(PrefillChunk(0, num_tokens, 0, torch.arange(num_blocks)),),
-                             sliding_window=config.sliding_window)
-    positions = torch.arange(num_tokens)
-    with torch.inference_mode():
-        return model(token_ids, positions, kv_caches, meta, positions)  # (num_tokens, vocab)
 
 
 def dequantized_copy(model):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.quant import Int4Linear, int4_group_size, quantize_int4
 from tests.checkpoints import tiny_llama_config, tiny_mistral_config, write_hf_checkpoint
-from tests.model.test_quant import prefill_logits
+from tests.model.helpers import prefill_logits
 
 # The int4 model against the float model with the same weights dequantized by a reference
 # quantizer: only float rounding differs. (Against the float model itself int4 noise is large on

@@ -11,7 +11,7 @@ from mistral_serve.model.fused import fuse_projections
 from mistral_serve.model.checkpoints.loader import load_model
 from mistral_serve.model.quant import W8A8Linear, quantize_int8
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
-from tests.model.test_quant import prefill_logits
+from tests.model.helpers import prefill_logits
 
 
 def w8a8_layer(weight: torch.Tensor) -> W8A8Linear:

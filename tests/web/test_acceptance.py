@@ -13,8 +13,7 @@ import subprocess
 import sys
 
 from tests.web.conftest import LAPTOP, PHONE, screenshot
-from tests.web.test_dashboard import sign_up
-from tests.web.test_workbench import ANSWER, answer_stats, ask, run_compare, set_param
+from tests.web.helpers import ANSWER, answer_stats, ask, run_compare, set_param, sign_up
 
 SIZES = {"laptop": LAPTOP, "phone": PHONE}
 

@@ -7,17 +7,7 @@ from __future__ import annotations
 import re
 
 from tests.web.conftest import PHONE, screenshot
-from tests.web.test_workbench import answer_stats, ask
-
-PASSWORD = "correct horse battery staple"
-
-
-def sign_up(page, email: str) -> None:
-    page.click("#nav a[data-page=account]")
-    page.fill("#auth-email", email)
-    page.fill("#auth-password", PASSWORD)
-    page.click("#signup")
-    page.wait_for_selector("#page-keys:not([hidden])")
+from tests.web.helpers import PASSWORD, answer_stats, ask, sign_up
 
 
 def test_a_new_user_signs_up_makes_a_key_uses_it_disables_it_and_sees_the_usage(open_page):

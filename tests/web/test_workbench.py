@@ -13,29 +13,9 @@ import httpx
 
 from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, wait_until
 from tests.web.conftest import LAPTOP, PHONE, screenshot
+from tests.web.helpers import ANSWER, answer_stats, ask, run_compare, set_param
 
 WEB_FILES = Path(__file__).resolve().parents[2] / "src" / "mistral_serve" / "web"
-ANSWER = "#conversation li:last-child .message.assistant"
-
-
-def set_param(page, name: str, value, root: str = "#params") -> None:
-    control = page.locator(f"{root} [data-param={name}]")
-    if not control.is_visible():
-        page.locator(f"{root} details.more > summary").click()
-    field = control.locator("input.value, textarea, input:not([type=range])").first
-    field.fill(str(value))
-    field.blur()
-
-
-def ask(page, text: str) -> None:
-    page.fill("#prompt", text)
-    page.press("#prompt", "Control+Enter")
-
-
-def answer_stats(page, timeout: float = 60_000) -> str:
-    page.wait_for_function("s => document.querySelector(s + ' .stats')?.textContent.length > 0",
-                           arg=ANSWER, timeout=timeout)
-    return page.locator(f"{ANSWER} .stats").text_content()
 
 
 def test_the_page_loads_only_its_own_files_under_a_strict_policy(web_server):
@@ -116,24 +96,6 @@ def test_stop_keeps_the_partial_text(open_page, api_key, engine):
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.locator(ANSWER + " .text").text_content() == partial
-
-
-def run_compare(page, web_server, first: dict, second: dict) -> list[dict]:
-    """Give the two Compare panes these parameters (each with a max_tokens) and run them on one
-    prompt; each pane must show exactly its max_tokens. The bodies sent, fewest max_tokens first."""
-    panes = (("0", first), ("1", second))
-    for pane, params in panes:
-        for name, value in params.items():
-            set_param(page, name, value, root=f"[data-pane='{pane}']")
-    num_before = len(web_server.chat_bodies)
-    page.fill("#compare-prompt", "Which is better?")
-    page.press("#compare-prompt", "Control+Enter")
-    for pane, params in panes:
-        page.wait_for_function("s => /finish/.test(document.querySelector(s)?.textContent)",
-                               arg=f"[data-pane='{pane}'] .stats", timeout=60_000)
-        stats = page.locator(f"[data-pane='{pane}'] .stats").text_content()
-        assert stats.startswith(f"{params['max_tokens']} tokens")
-    return sorted(web_server.chat_bodies[num_before:], key=lambda body: body["max_tokens"])
 
 
 def test_compare_runs_two_parameter_sets_on_the_same_conversation(open_page, web_server, api_key):

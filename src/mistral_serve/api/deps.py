@@ -22,8 +22,6 @@ from mistral_serve.db.key_store import ActiveKey, KeyRefused, KeyStore, KeyStore
 from mistral_serve.db.usage_writer import UsageWriter
 from mistral_serve.settings import Settings
 
-MAX_BODY_BYTES = 4 << 20  # a 32k-token conversation is far smaller
-
 
 @dataclass
 class ServingState:

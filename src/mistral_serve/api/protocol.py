@@ -11,11 +11,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from mistral_serve.api.tools import tool_calls_schema
-from mistral_serve.engine.params import GuidedDecoding, SamplingParams
+from mistral_serve.engine.params import MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, GuidedDecoding, SamplingParams
 
-MAX_STOP_STRINGS = 4
-MAX_TOP_LOGPROBS = 20
-MAX_N = 128
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit too
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 _SMALLEST_TOP_P = 1e-9

@@ -10,16 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import json
-import secrets
-import string
+
+from mistral_serve.tool_call_ids import new_tool_call_id
 
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
-TOOL_CALL_ID_LENGTH = 9  # Mistral's format: exactly 9 letters or digits
-_ALPHANUMERICS = string.ascii_letters + string.digits
-
-
-def new_tool_call_id() -> str:
-    return "".join(secrets.choice(_ALPHANUMERICS) for _ in range(TOOL_CALL_ID_LENGTH))
 
 
 def tool_calls_token_id(tokenizer) -> int | None:

@@ -7,6 +7,8 @@ import json
 import math
 from typing import Literal
 
+# what the engine accepts; the API's request models take their bounds from here
+MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
 
@@ -86,7 +88,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
-        check(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be between 1 and 128, got {self.n}")
+        check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}, got {self.n}")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
               f"max_tokens must be at least 1, got {self.max_tokens}")
         check(math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,

