@@ -8,6 +8,7 @@ import time
 
 from mistral_serve.cli_admin import add_admin_commands
 from mistral_serve.cli_settings import open_database, settings_from, storage_flags
+from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
 
 
 def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = False) -> None:
@@ -21,8 +22,8 @@ def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = 
     parser.add_argument("--allow-download", action="store_true", default=None,
                         help="download a Hugging Face id that is not in the local cache")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", choices=["int8", "int4", "w8a8"],
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES)
+    parser.add_argument("--quantize", choices=QUANTIZATIONS,
                         help="quantization at load time: int8 or int4 weights (int4: CPU), or w8a8, int8 weights "
                              "and 8-bit activations (CPU; faster than int8 for batches and prefill, less precise)")
     parser.add_argument("--threads", type=int, help="CPU threads for the model (default: $OMP_NUM_THREADS, else "

@@ -13,6 +13,8 @@ from typing import Any, Literal, Mapping
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
+
 DATABASE_FILE = "mistral-serve.db"
 
 
@@ -35,8 +37,8 @@ class Settings(BaseSettings):
     allow_download: bool = False
     device: str = "auto"  # "auto": CUDA when there, else CPU
     # "auto": bfloat16 on CUDA and CPUs with native bfloat16, else float32
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal["int8", "int4", "w8a8"] | None = None  # int4 and w8a8: CPU only
+    dtype: Literal[DTYPE_CHOICES] = "auto"
+    quantize: Literal[QUANTIZATIONS] | None = None  # int4 and w8a8: CPU only
     # CPU threads of the engine; None: $OMP_NUM_THREADS, else every core
     threads: int | None = Field(default=None, ge=1)
     kv_cache_memory_mb: int = Field(default=1024, ge=1)
