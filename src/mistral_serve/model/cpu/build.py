@@ -17,8 +17,12 @@ import tempfile
 HERE = Path(__file__).parent
 SOURCE = HERE / "kernels.c"
 HEADER = HERE / "kernels.h"
-# -fvisibility=hidden: the library exports what kernels.h declares (MS_API), nothing else
-COMPILE_FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-fvisibility=hidden")
+# -fvisibility=hidden: the library exports what kernels.h declares (MS_API), nothing else.
+# -fno-wrapv: the install's compiler line starts with Python's own flags, -fwrapv among them, which
+# makes the matmul loops slower (measured: a 256 x 576 -> 1536 bfloat16 matmul 214 against 205 us, a
+# demo bfloat16 prefill of 256 tokens ~70 against ~65 ms); the kernels never rely on signed overflow
+# wrapping, so they take the compiler's usual assumptions back.
+COMPILE_FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-fvisibility=hidden", "-fno-wrapv")
 LINK_FLAGS = ("-fopenmp",)
 # the name the install gives the library, beside this module (plus Python's extension suffix)
 LIBRARY_NAME = "_kernels"
