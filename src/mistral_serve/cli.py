@@ -98,6 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len = settings.max_model_len or card_for(model_id).context_length
         model_settings = settings.model_copy(update={"model": source, "max_model_len": max_model_len})
         engines[model_id] = load_async_engine(model_settings, num_threads)
+        print(f"{model_id}: {engines[model_id].backend.describe()}", file=sys.stderr)
     app = create_app(settings, engines, db)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=ABORT_GRACE_S)
@@ -135,8 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
     rate = (num_tokens - 1) / decode_time if num_tokens > 1 and decode_time > 0 else 0.0
     print(f"\n[{len(prompt)} prompt tokens, {num_tokens} generated, finish: {reason}, "
           f"first token {first_token_at - started:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
-    backend = engine.backend
-    print(f"[{backend.device}, {backend.dtype}; kernels: {backend.kernels}; {backend.kernel_path}]", file=sys.stderr)
+    print(f"[{engine.backend.describe()}]", file=sys.stderr)
     return 0
 
 

@@ -79,6 +79,10 @@ class EngineBackend:
     kernels: str  # our CPU kernels (instruction set, tile units, OpenMP), or torch's and why
     kernel_path: str  # which parts of the model run on them
 
+    def describe(self) -> str:
+        """In one line, for the command line."""
+        return f"{self.device}, {self.dtype}; kernels: {self.kernels}; {self.kernel_path}"
+
     def as_dict(self) -> dict[str, str]:
         return {"device": self.device, "dtype": self.dtype, "kernels": self.kernels, "kernel_path": self.kernel_path}
 
