@@ -25,6 +25,7 @@ BASELINE_S, FLOOD_S = 15, 30
 # room for every request in flight (64 polite, at most MAX_PER_KEY of the flood's): the flood is held
 # back by its key's cap and the fair admission between keys, not by a shortage of places
 MAX_NUM_SEQS = 96
+STORM_FREED_WITHIN_S = 5.0  # see the storm test
 
 
 def demo_chat(**fields) -> dict:
@@ -121,7 +122,11 @@ def test_64_streaming_clients_and_a_flooding_key(demo_server):
 
 
 @pytest.mark.demo
-def test_a_storm_of_clients_leaving_mid_stream_frees_everything_within_a_second(demo_server):
+def test_a_storm_of_clients_leaving_mid_stream_frees_everything_at_once(demo_server):
+    """Each abort takes effect at the engine's next step, so the batch is empty a step or so after the
+    last client leaves: well under a second on an idle machine, but a loaded 2-core one (a parallel
+    test run) has taken over one. The bound is wide on purpose: left running, the 50 requests of 500
+    tokens would keep the demo model busy for 25 s and more on such a machine, so a leak still fails."""
     server, polite_keys, _, work_dir = demo_server
     long = demo_chat(max_tokens=500, ignore_eos=True)
 
@@ -132,7 +137,7 @@ def test_a_storm_of_clients_leaving_mid_stream_frees_everything_within_a_second(
     outcomes = asyncio.run(storm())
     left_at = time.monotonic()
     assert all(outcome.num_content_chunks == 3 for outcome in outcomes)
-    assert wait_for_zero(server.url, timeout_s=1.0) == (0, 0), time.monotonic() - left_at
+    assert wait_for_zero(server.url, timeout_s=STORM_FREED_WITHIN_S) == (0, 0), time.monotonic() - left_at
 
     # each left a usage row: aborted, 499, with the tokens generated before the engine stopped
     ids = {outcome.request_id for outcome in outcomes}
@@ -145,7 +150,8 @@ def test_a_storm_of_clients_leaving_mid_stream_frees_everything_within_a_second(
             break
         time.sleep(0.2)
     assert len(rows) == 50
-    assert all(status == "aborted" and http_status == 499 and tokens >= 3 for _, status, http_status, tokens in rows)
+    assert all(status == "aborted" and http_status == 499 and 3 <= tokens < 500
+               for _, status, http_status, tokens in rows)
 
 
 @pytest.mark.demo

@@ -40,3 +40,16 @@ def test_every_command_finds_the_same_database_from_the_settings(tmp_path, monke
     monkeypatch.delenv("MISTRAL_SERVE_DATABASE_URL")
     assert Path(Settings.load({"data_dir": tmp_path / "flag"}).resolved_database_url[len("sqlite:///"):]).parent \
         == tmp_path / "flag"
+
+
+def test_a_new_sqlite_database_and_its_folder_are_private_to_the_user(tmp_path):
+    """The file holds password and key hashes: no other user of the machine may read it."""
+    path = tmp_path / "data" / "mistral-serve.db"
+    engine = create_db_engine(f"sqlite:///{path}")
+    with engine.connect() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+        connection.commit()
+    engine.dispose()
+    assert path.parent.stat().st_mode & 0o077 == 0
+    for file in path.parent.iterdir():  # the database and SQLite's -wal and -shm beside it
+        assert file.stat().st_mode & 0o077 == 0, file.name

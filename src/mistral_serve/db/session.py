@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -27,10 +28,19 @@ def create_db_engine(url: str | URL) -> Engine:
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(Path(url.database).expanduser())
     engine = create_engine(url)
     event.listen(engine, "connect", _configure_sqlite)
     return engine
+
+
+def create_private_file(path: Path) -> None:
+    """The database file, and its folder when missing, readable by this user alone: it holds password
+    and key hashes and every account's usage. (SQLite gives its -wal and -shm files the database
+    file's permissions.) An existing file keeps the permissions its owner gave it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def _configure_sqlite(connection, record) -> None:

@@ -49,7 +49,7 @@ class Segment:
 class UsageSpool:
     def __init__(self, directory: Path):
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # usage rows name accounts: this user's only
         self._lock = threading.Lock()
         self._active: IO[str] | None = None
         self._active_path: Path | None = None
