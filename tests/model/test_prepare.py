@@ -33,6 +33,25 @@ def test_a_bfloat16_model_gets_the_one_call_decode_step_on_our_kernels(tmp_path)
 
 
 @needs_kernels
+@pytest.mark.parametrize("wrong", ["float32", "fewer heads", "one layer short"])
+def test_the_one_call_decode_step_refuses_caches_its_kernel_would_misread(tmp_path, wrong):
+    """The kernel reads the caches through raw pointers on every step: a cache of the wrong dtype or
+    shape is refused before it is ever read."""
+    config = head_dim_32_config()
+    path, _ = write_hf_checkpoint(tmp_path, config)
+    prepared = prepare_for_inference(load_model(path, dtype=torch.bfloat16), CPU, cpu_kernels.load())
+    shape = (4, 16, prepared.config.num_kv_heads, prepared.config.head_dim)
+    if wrong == "fewer heads":
+        shape = (4, 16, prepared.config.num_kv_heads - 1, prepared.config.head_dim)
+    dtype = torch.float32 if wrong == "float32" else torch.bfloat16
+    num_layers = prepared.config.num_layers - (wrong == "one layer short")
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(num_layers)]
+    with pytest.raises(ValueError, match="KV caches"):
+        prepared.fused_decode(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), caches, None,
+                              torch.zeros(1, dtype=torch.int64))
+
+
+@needs_kernels
 def test_preparing_a_prepared_model_changes_nothing(tmp_path):
     path, _ = write_hf_checkpoint(tmp_path, head_dim_32_config())
     token_ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(0))

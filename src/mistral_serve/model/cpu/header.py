@@ -31,7 +31,6 @@ class Function:
     name: str
     restype: type | None
     argtypes: tuple[type, ...]
-    argnames: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def read_header(path: Path) -> Header:
         params = [p.strip() for p in match["params"].split(",")]
         declared = [] if params == ["void"] else [_declaration(p, structs) for p in params]
         functions[match["name"]] = Function(match["name"], _type(match["result"], structs),
-                                            tuple(t for _, t in declared), tuple(n for n, _ in declared))
+                                            tuple(argtype for _, argtype in declared))
     if not structs or not functions:
         raise HeaderError(f"{path.name} declares no structure or no function in the form this parser reads")
     return Header(structs, functions)

@@ -21,7 +21,7 @@ import torch
 
 from mistral_serve.model.cpu.header import read_header
 from mistral_serve.model.cpu.layouts import TILE_ROWS
-from mistral_serve.model.cpu.library import (AMX_VARIABLE, DISABLE_VARIABLE, KernelBackend, LibraryUnavailable,
+from mistral_serve.model.cpu.library import (AMX_VARIABLE, DISABLE_VARIABLE, KernelBackend, LibraryUnavailable, bind,
                                              is_switched_off, open_library, openmp_of)
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,7 @@ class CpuKernels:
 
     def __init__(self, library: ctypes.CDLL):
         """`library`: built from the sources of kernels.h (library.py checks that before this)."""
-        self._c = {}
-        for name, function in HEADER.functions.items():
-            bound = getattr(library, name)
-            bound.argtypes, bound.restype = list(function.argtypes), function.restype
-            self._c[name] = bound
+        self._c = {name: bind(library, function) for name, function in HEADER.functions.items()}
         self.amx = False
 
     def int4_linear(self, x: torch.Tensor, weight: torch.Tensor, scales_offsets: torch.Tensor, group_size: int,
@@ -266,7 +262,10 @@ def _openmp_shared_with_torch(library: ctypes.CDLL) -> str:
     """"torch's": the kernels run on torch's OpenMP runtime, so called from the thread that runs torch's
     ops they reuse its team of threads; anything else is a WARNING (two pools compete for the cores)."""
     ours = openmp_of(library)
-    torchs = openmp_of(ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so")))
+    try:
+        torchs = openmp_of(ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so")))
+    except OSError:  # a torch laid out otherwise: whose runtime it runs on is not known
+        torchs = None
     if ours is not None and ours == torchs:
         return f"torch's ({ours.name})"
     logger.warning("CPU kernels: their OpenMP runtime (%s) is not torch's (%s): two thread pools compete for "

@@ -125,10 +125,15 @@ class FusedDecode:
         return cls(model, kernels)
 
     def _bind(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if not all(k.is_contiguous() and v.is_contiguous() for k, v in kv_caches):
-            raise ValueError("the fused decode step needs contiguous KV caches")
+        # the kernel reads the caches through these pointers on every step, unchecked: check them once here
         config = self.model.config
-        block_size = kv_caches[0][0].shape[1]  # (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = kv_caches[0][0].shape  # (num_blocks, block_size, num_kv_heads, head_dim)
+        if (len(kv_caches) != len(self.layers) or shape[2:] != (config.num_kv_heads, config.head_dim)
+                or not all(cache.shape == shape and cache.dtype == torch.bfloat16 and cache.is_contiguous()
+                           for pair in kv_caches for cache in pair)):
+            raise ValueError(f"the fused decode step needs one pair of contiguous bfloat16 KV caches per layer, "
+                             f"each (blocks, block size, {config.num_kv_heads}, {config.head_dim})")
+        block_size = shape[1]
         self.shape = DecoderShape(config.hidden_size, config.intermediate_size, config.num_heads,
                                   config.num_kv_heads, config.head_dim, block_size, config.sliding_window or 0,
                                   config.rms_norm_eps, config.head_dim ** -0.5)

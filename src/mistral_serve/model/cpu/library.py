@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 from mistral_serve.model.cpu import build
-from mistral_serve.model.cpu.header import Header
+from mistral_serve.model.cpu.header import Function, Header
 
 DISABLE_VARIABLE = "MISTRAL_SERVE_CPU_KERNELS"  # 0: torch's kernels only
 AMX_VARIABLE = "MISTRAL_SERVE_AMX"  # 0: the vector loops even where the CPU has tile units
@@ -74,11 +74,12 @@ def open_library(header: Header) -> tuple[ctypes.CDLL, str]:
                 "they were not built when the package was installed (was there a C compiler?): reinstall it "
                 f"with gcc present, or set {BUILD_VARIABLE}=1 to build them at run time")
         library, origin = _opened(path), "installed"
-    built_from = _bound(library, header, "ms_source_id")().decode()
-    if built_from != build.source_id():
+    built_from = bind(library, header.functions["ms_source_id"])().decode()
+    expected = build.source_id()
+    if built_from != expected:
         raise LibraryUnavailable(
             f"the installed library was built from other sources ({built_from}) than those beside it "
-            f"({build.source_id()}): reinstall the package, or set {BUILD_VARIABLE}=1")
+            f"({expected}): reinstall the package, or set {BUILD_VARIABLE}=1")
     _check_structures(library, header)
     return library, origin
 
@@ -128,21 +129,22 @@ def _built_now() -> Path:
         raise LibraryUnavailable(f"building {build.SOURCE.name} failed: {str(detail).strip()[-2000:]}") from None
 
 
-def _bound(library: ctypes.CDLL, header: Header, name: str):
-    """A function of the library with its types from the header (ctypes would take an int otherwise)."""
+def bind(library: ctypes.CDLL, declared: Function):
+    """The library's function with its argument and result types from the header (without them ctypes
+    would take any argument and return an int)."""
     try:
-        function = getattr(library, name)
+        function = getattr(library, declared.name)
     except AttributeError:
-        raise LibraryUnavailable(f"the library has no {name}: it was built from older sources") from None
-    declared = header.functions[name]
+        raise LibraryUnavailable(f"the library has no {declared.name}: it was built from older sources") from None
     function.argtypes, function.restype = list(declared.argtypes), declared.restype
     return function
 
 
 def _check_structures(library: ctypes.CDLL, header: Header) -> None:
     """The structures as header.py read them have the sizes the compiler gave them."""
+    struct_size = bind(library, header.functions["ms_struct_size"])
     for name, struct in header.structs.items():
-        size = _bound(library, header, "ms_struct_size")(name.encode())
+        size = struct_size(name.encode())
         if size != ctypes.sizeof(struct):
             raise LibraryUnavailable(f"the structure {name} is {size} bytes in the library but "
                                      f"{ctypes.sizeof(struct)} as read from kernels.h")
