@@ -169,7 +169,7 @@ def run_keys_change(args: argparse.Namespace) -> int:
             crud.delete_key(session, key)
             print(f"deleted {shown}")
         else:
-            crud.set_key_enabled(session, key, args.action == "enable")
+            crud.set_key_enabled_by_operator(session, key, args.action == "enable")
             print(f"{args.action}d {shown}")
     return 0
 

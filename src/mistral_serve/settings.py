@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     max_queued_prompt_tokens: int = Field(default=262_144, ge=1)  # per model, prompt tokens of the waiting requests
     queue_timeout_s: float = Field(default=120.0, ge=0)  # a request not started by then gets a 503
     max_concurrent_requests_per_key: int = Field(default=32, ge=1)  # in flight per API key and process; past it: 429
+    # in flight per account (all its keys) and process; a plan may set less
+    max_concurrent_requests_per_account: int = Field(default=32, ge=1)
+    # what one request may make the engine generate: n × max_tokens, and that × (1 + top_logprobs) with logprobs
+    max_generated_tokens_per_request: int = Field(default=131_072, ge=1)
+    max_logprobs_per_request: int = Field(default=131_072, ge=1)
     shutdown_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM, how long in-flight requests may take to finish
     # a key checked this recently is served while the database is away
     database_outage_grace_s: float = Field(default=300.0, ge=0)

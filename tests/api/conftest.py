@@ -16,7 +16,7 @@ import uvicorn
 import yaml
 
 from mistral_serve.api.app import create_app
-from mistral_serve.api.limits import InProcessCounters
+from mistral_serve.api.counters import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db import crud
 from mistral_serve.db.migrations import upgrade_to_head

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
-from mistral_serve.api.limits import InProcessCounters
+from mistral_serve.api.counters import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db.models import Account, LoginSession, Usage
 from tests.api.conftest import bearer, chat

@@ -10,7 +10,8 @@ import pytest
 from mistral_serve.api.admission import GenerationEnd, RequestTicket
 from mistral_serve.api.errors import APIError
 from mistral_serve.api.in_flight import InFlight
-from mistral_serve.api.limits import InProcessCounters, RateLimiter
+from mistral_serve.api.counters import InProcessCounters
+from mistral_serve.api.limits import RateLimiter
 from mistral_serve.db.crud import KeyLimits
 from mistral_serve.db.key_store import ActiveKey
 from tests.api.helpers import FakeClock
@@ -82,7 +83,8 @@ def test_a_stream_keeps_the_ticket_open_and_its_close_writes_the_one_row_and_set
 
     async def scenario():
         async with new_ticket() as ticket:
-            headers = await ticket.reserve(100, 400)  # charged 500
+            await ticket.reserve(100, 1, 400, 400)  # charged 500
+            headers = dict(ticket.headers)
             kept = ticket.keep_open()
         assert usage.rows == [] and in_flight.total == 1  # the stream still runs
         ticket.on_first_token()
@@ -91,10 +93,11 @@ def test_a_stream_keeps_the_ticket_open_and_its_close_writes_the_one_row_and_set
         kept.close()  # the stream's end may be reported twice: still one row
         await limiter.drain()
         async with new_ticket() as after:
-            return headers, await after.reserve(10, 0)
+            await after.reserve(10, 1, None, 1)
+            return headers, after.headers
     charged, after = asyncio.run(scenario())
     assert charged["x-ratelimit-remaining-tokens"] == "500"
-    assert after["x-ratelimit-remaining-tokens"] == str(1000 - 120 - 10)  # 380 of the 500 given back
+    assert after["x-ratelimit-remaining-tokens"] == str(1000 - 120 - 11)  # 380 of the 500 given back
     ok = usage.rows[0]
     assert (ok.status, ok.http_status, ok.prompt_tokens, ok.completion_tokens) == ("ok", 200, 100, 20)
     assert ok.time_to_first_token_ms is not None

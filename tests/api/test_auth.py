@@ -70,10 +70,10 @@ def test_a_disabled_key_is_refused_at_once_and_served_again_when_enabled(anonymo
     request = dict(json=chat(max_tokens=1), headers=bearer(raw_key))
     assert anonymous.post("/v1/chat/completions", **request).status_code == 200
     with api_db() as session:
-        crud.set_key_enabled(session, crud.find_key_by_raw(session, raw_key), False)
+        crud.set_key_enabled_by_operator(session, crud.find_key_by_raw(session, raw_key), False)
     assert_refused(anonymous.post("/v1/chat/completions", **request), "disabled")
     with api_db() as session:
-        crud.set_key_enabled(session, crud.find_key_by_raw(session, raw_key), True)
+        crud.set_key_enabled_by_operator(session, crud.find_key_by_raw(session, raw_key), True)
     assert anonymous.post("/v1/chat/completions", **request).status_code == 200
 
 

@@ -16,7 +16,7 @@ import fastapi.routing
 import httpx
 import pytest
 
-from mistral_serve.api.limits import InProcessCounters
+from mistral_serve.api.counters import InProcessCounters
 from mistral_serve.api.sessions import LoginThrottle
 from mistral_serve.db import crud
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key
@@ -132,7 +132,7 @@ def test_a_public_route_reveals_no_more_to_a_key_or_a_session(anonymous, owner, 
 def test_the_chat_routes_take_a_good_key_and_nothing_else(anonymous, owner, api_db, method, path):
     disabled, deleted = new_key(api_db, name="disabled"), new_key(api_db, name="deleted")
     with api_db() as session:
-        crud.set_key_enabled(session, crud.find_key_by_raw(session, disabled), False)
+        crud.set_key_enabled_by_operator(session, crud.find_key_by_raw(session, disabled), False)
         crud.delete_key(session, crud.find_key_by_raw(session, deleted))
     csrf = owner["browser"].http.cookies["msv_csrf"]
     refused = {

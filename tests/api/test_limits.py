@@ -9,21 +9,31 @@ import pytest
 
 from mistral_serve.api.app import create_app
 from mistral_serve.api.errors import APIError
-from mistral_serve.api.limits import InProcessCounters, RateLimiter, RedisCounters, budget_period
+from mistral_serve.api.counters import InProcessCounters, RedisCounters
+from mistral_serve.api.limits import RateLimiter, budget_period
 from mistral_serve.db import crud
 from mistral_serve.db.crud import KeyLimits
 from mistral_serve.db.key_store import ActiveKey
+from mistral_serve.db.plans import PlanLimits
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, NO_EOS, bearer, chat, sse_events
 from tests.api.helpers import FakeClock
 
-def active_key(key_id: int = 1, **limits) -> ActiveKey:
-    return ActiveKey(key_id, 1, "tests", "abcdefgh", KeyLimits(**limits))
+def active_key(key_id: int = 1, plan: PlanLimits = PlanLimits(), account_id: int = 1, **limits) -> ActiveKey:
+    return ActiveKey(key_id, account_id, "tests", "abcdefgh", KeyLimits(**limits), plan=plan)
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+async def admit(limiter: RateLimiter, key: ActiveKey, num_prompt_tokens: int, max_tokens: int | None,
+                n: int = 1, default_max_tokens: int = 4096):
+    """Both steps, as the route takes them: the admission, and the most tokens per choice it got."""
+    admission = await limiter.admit(key)
+    num_per_choice = await limiter.reserve(admission, num_prompt_tokens, n, max_tokens, default_max_tokens)
+    return admission, num_per_choice
 
 
 # the limiter, on its own
@@ -37,7 +47,7 @@ def test_a_burst_above_the_rpm_limit_is_refused_until_the_window_resets():
         outcomes = []
         for _ in range(size):
             try:
-                outcomes.append(await limiter.admit(key, 10, 10))
+                outcomes.append(await limiter.admit(key))
             except APIError as error:
                 outcomes.append(error)
         return outcomes
@@ -57,12 +67,8 @@ def test_a_burst_above_the_rpm_limit_is_refused_until_the_window_resets():
     assert refusal.headers["Retry-After"] == "1" and refusal.headers["x-ratelimit-reset-requests"] == "500ms"
     clock.advance(0.5)  # the next minute
     assert [admission.headers["x-ratelimit-remaining-requests"] for admission in run(burst(3))] == ["2", "1", "0"]
-    assert other_keys_are_not_counted(limiter)
-
-
-def other_keys_are_not_counted(limiter: RateLimiter) -> bool:
-    admission = run(limiter.admit(active_key(key_id=2, requests_per_minute=3), 1, 1))
-    return admission.headers["x-ratelimit-remaining-requests"] == "2"
+    admission = run(limiter.admit(active_key(key_id=2, requests_per_minute=3)))  # other keys are not counted
+    assert admission.headers["x-ratelimit-remaining-requests"] == "2"
 
 
 def test_tokens_are_charged_at_their_most_then_corrected_to_what_was_used():
@@ -71,24 +77,34 @@ def test_tokens_are_charged_at_their_most_then_corrected_to_what_was_used():
     key = active_key(tokens_per_minute=1000)
 
     async def scenario():
-        first = await limiter.admit(key, 100, 300)  # charged 400
+        first, _ = await admit(limiter, key, 100, 300)  # charged 400
         assert first.headers["x-ratelimit-remaining-tokens"] == "600"
         limiter.settle(first, 150)  # it used 150: 250 back
         await limiter.drain()
-        second = await limiter.admit(key, 100, 5000)  # more than a minute's worth: charged the limit...
-        return second
+        return await admit(limiter, key, 100, 800)  # 900 does not fit after the first one's 150
 
-    with pytest.raises(APIError) as refused:  # ...which does not fit after the first one's 150
+    with pytest.raises(APIError) as refused:
         run(scenario())
     assert refused.value.detail.type == "tokens"
     assert refused.value.headers["x-ratelimit-remaining-tokens"] == "850"
-    assert "Limit 1000, Used 150, Requested 1000" in refused.value.detail.message
-
+    assert "Limit 1000, Used 150, Requested 900" in refused.value.detail.message
     clock.advance(60)  # alone in a fresh window it runs
-    assert run(limiter.admit(key, 100, 5000)).headers["x-ratelimit-remaining-tokens"] == "0"
-    with pytest.raises(APIError) as too_large:  # a prompt beyond the limit can never run
-        run(limiter.admit(active_key(key_id=3, tokens_per_minute=1000), 1001, 1))
+    admission, num_per_choice = run(admit(limiter, key, 100, 800))
+    assert num_per_choice == 800 and admission.headers["x-ratelimit-remaining-tokens"] == "100"
+
+
+def test_a_request_that_cannot_fit_the_tpm_limit_is_refused_for_good_or_lowered_when_it_left_max_tokens_out():
+    """The attack: 50 tokens per minute, then n=4 and max_tokens=300 in one request used 1,231 tokens."""
+    limiter = RateLimiter(InProcessCounters(FakeClock()), clock=FakeClock())
+    key = active_key(tokens_per_minute=50)
+    with pytest.raises(APIError) as too_large:
+        run(admit(limiter, key, 20, 300, n=4))
     assert too_large.value.status_code == 429 and "Retry-After" not in (too_large.value.headers or {})
+    assert "Request too large" in too_large.value.detail.message and "n" in too_large.value.detail.message
+    admission, num_per_choice = run(admit(limiter, active_key(key_id=2, tokens_per_minute=50), 20, None, n=4))
+    assert num_per_choice == 7 and admission.num_tokens_reserved == 20 + 4 * 7  # within the 50
+    with pytest.raises(APIError):  # a prompt beyond the limit can never run
+        run(admit(limiter, active_key(key_id=3, tokens_per_minute=1000), 1001, None))
 
 
 def test_a_correction_after_the_window_ended_only_adds_tokens_beyond_the_charge():
@@ -97,21 +113,50 @@ def test_a_correction_after_the_window_ended_only_adds_tokens_beyond_the_charge(
     key = active_key(tokens_per_minute=1000)
 
     async def scenario():
-        under = await limiter.admit(key, 10, 90)  # charged 100, uses 50
-        over = await limiter.admit(key, 10, 90)  # charged 100, uses 300
+        under, _ = await admit(limiter, key, 10, 90)  # charged 100, uses 50
+        over, _ = await admit(limiter, key, 10, 90)  # charged 100, uses 300
         clock.advance(60)
         limiter.settle(under, 50)  # no refund into a window it was never charged to
         limiter.settle(over, 300)  # the 200 beyond its charge count now
         await limiter.drain()
-        return await limiter.admit(key, 10, 0)
+        admission, _ = await admit(limiter, key, 10, 1)
+        return admission
 
-    assert run(scenario()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 200 - 10)
+    assert run(scenario()).headers["x-ratelimit-remaining-tokens"] == str(1000 - 200 - 11)
+
+
+def test_the_plan_limits_the_account_over_all_its_keys():
+    """Per-key limits are per key; the plan's are the account's: a second key does not double them."""
+    limiter = RateLimiter(InProcessCounters(FakeClock()), clock=FakeClock())
+    plan = PlanLimits(requests_per_minute=3)
+    keys = [active_key(key_id=key_id, plan=plan) for key_id in (1, 2)]
+
+    async def burst() -> list:
+        outcomes = []
+        for index in range(5):
+            try:
+                outcomes.append((await limiter.admit(keys[index % 2])).headers["x-ratelimit-remaining-requests"])
+            except APIError as error:
+                outcomes.append(error.detail.message)
+        return outcomes
+
+    outcomes = run(burst())
+    assert outcomes[:3] == ["2", "1", "0"]
+    assert all("your account's plan" in outcome for outcome in outcomes[3:])
+    other_account = run(limiter.admit(active_key(key_id=3, account_id=2, plan=plan)))
+    assert other_account.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def test_the_tighter_of_the_owners_limit_and_the_operators_ceiling_applies():
+    key = ActiveKey(1, 1, "tests", "abcdefgh", KeyLimits(requests_per_minute=10), KeyLimits(requests_per_minute=2))
+    limiter = RateLimiter(InProcessCounters(FakeClock()), clock=FakeClock())
+    assert run(limiter.admit(key)).headers["x-ratelimit-limit-requests"] == "2"
 
 
 def test_a_key_without_limits_gets_no_headers_and_no_counters():
     counters = InProcessCounters()
-    admission = run(RateLimiter(counters).admit(active_key(), 10, 10))
-    assert admission.headers == {} and counters._counters == {}
+    admission, num_per_choice = run(admit(RateLimiter(counters), active_key(), 10, None, default_max_tokens=500))
+    assert admission.headers == {} and counters._counters == {} and num_per_choice == 500
 
 
 def test_budget_periods_are_utc_days_and_calendar_months():
@@ -133,13 +178,13 @@ def test_two_replicas_sharing_redis_enforce_one_limit(empty_redis_url):
         outcomes = []
         for index in range(6):
             try:
-                outcomes.append(await replicas[index % 2].admit(key, 100, 100))
+                outcomes.append((await admit(replicas[index % 2], key, 100, 100))[0])
             except APIError as error:
                 outcomes.append(error)
         replicas[0].settle(outcomes[0], 50)  # a correction from one replica is seen by the other
         await replicas[0].drain()
         clock.advance(60)
-        fresh = await replicas[1].admit(key, 100, 100)
+        fresh, _ = await admit(replicas[1], key, 100, 100)
         for replica in replicas:
             await replica.close()
         return outcomes, fresh
@@ -154,8 +199,8 @@ def test_two_replicas_sharing_redis_enforce_one_limit(empty_redis_url):
 
 def test_an_unreachable_redis_lets_requests_through():
     limiter = RateLimiter(RedisCounters("redis://127.0.0.1:1/0"))  # nothing listens on port 1
-    admission = run(limiter.admit(active_key(requests_per_minute=1), 10, 10))
-    assert admission.headers == {}
+    admission, num_per_choice = run(admit(limiter, active_key(requests_per_minute=1, tokens_per_minute=5), 10, 100))
+    assert admission.headers == {} and num_per_choice == 100
 
 
 # over HTTP

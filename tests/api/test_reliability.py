@@ -37,7 +37,8 @@ FIXED = demo_chat(max_tokens=NUM_TOKENS, ignore_eos=True, temperature=0)  # exac
 
 
 def make_keys(data_dir, count: int) -> list[str]:
-    return [create_key(data_dir, email="load@example.com", name=f"k{index}") for index in range(count)]
+    """One key per account: the tenants here are different customers (an account's keys share its caps)."""
+    return [create_key(data_dir, email=f"load{index}@example.com", name=f"k{index}") for index in range(count)]
 
 
 def wait_for_zero(url: str, timeout_s: float) -> tuple[float, float]:

@@ -64,7 +64,7 @@ def test_keys_are_listed_per_account_found_by_prefix_disabled_and_deleted(db):
         assert [k.name for k in crud.list_keys(session, ann)] == ["one", "two"]
         assert [k.name for k in crud.list_keys(session)] == ["one", "two", "three"]
         assert [k.id for k in crud.find_keys_by_prefix(session, f"msk-{first.prefix}…")] == [first.id]
-        crud.set_key_enabled(session, first, False)
+        crud.set_key_enabled_by_operator(session, first, False)
     with db() as session:
         assert not crud.find_key_by_raw(session, first_raw).is_enabled
         crud.delete_key(session, crud.get_key(session, first.id))

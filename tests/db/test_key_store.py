@@ -49,7 +49,7 @@ def test_a_key_refused_once_is_not_vouched_for_in_a_later_outage(db, raw_keys, t
     store = KeyStore(sessions, outage_grace_s=60)
     store.authenticate(used)
     with db() as session:
-        crud.set_key_enabled(session, crud.find_key_by_raw(session, used), False)
+        crud.set_key_enabled_by_operator(session, crud.find_key_by_raw(session, used), False)
     with pytest.raises(KeyRefused):
         store.authenticate(used)
     sessions.is_down = True

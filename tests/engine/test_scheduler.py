@@ -153,6 +153,24 @@ def test_a_tenant_with_many_waiting_requests_cannot_starve_one_with_a_single_req
     assert admitted[:3] == ["flood-0", "polite", "flood-1"]
 
 
+def test_an_account_spreading_its_requests_over_many_keys_takes_no_more_turns_than_one_with_one_key():
+    scheduler, _ = make_scheduler(max_num_seqs=1, max_num_batched_tokens=64)
+    for i in range(8):  # account 1 floods through eight keys
+        seq = make_seq(4, f"spread-{i}", max_tokens=3, start=10 + i)
+        seq.tenant = f"1/{100 + i}"
+        scheduler.add(seq)
+    admitted = [item.seq.request_id for item in run_step(scheduler)]
+    for i in range(2):  # account 2 sends two requests on one key
+        seq = make_seq(4, f"single-{i}", max_tokens=3, start=50 + i)
+        seq.tenant = "2/200"
+        scheduler.add(seq)
+    while scheduler.num_unfinished:
+        admitted += [item.seq.request_id for item in run_step(scheduler)
+                     if item.start_position == 0 and item.seq.request_id not in admitted]
+    # turns alternate between the accounts, not between the nine keys
+    assert admitted[:5] == ["spread-0", "single-0", "spread-1", "single-1", "spread-2"]
+
+
 def test_within_one_tenant_requests_are_admitted_in_arrival_order():
     scheduler, _ = make_scheduler(max_num_seqs=1)
     for i in range(4):

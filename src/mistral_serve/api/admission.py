@@ -1,15 +1,18 @@
 """RequestTicket: one chat request's life on the serving side, from admission to its usage row.
 
-    async with state.admit(key, model) as ticket:
-        ...                                   # 404 / 400: refused for its content
-        headers = await ticket.reserve(...)   # 429: over the key's rate limits
-        ...                                   # the engine runs it; chat.py reports how it ended
+    async with state.admit(key, model) as ticket:      # 503, 429, 403: before any work on the request
+        ...                                             # 404 / 400: refused for its content
+        max_tokens = await ticket.reserve(...)          # 429: over a token limit or budget
+        ...                                             # the engine runs it; chat.py reports how it ended
 
-Entering checks that usage can be recorded (503) and counts the request in flight for its key (429
-past the key's cap). Leaving settles the limiter's reservation against what was really generated,
-writes the request's one usage row, and counts it out — however the request ended: refused,
-finished, failed, or the client gone. A streamed reply outlives its route: the route hands the
-ticket to the stream (`keep_open`), and the stream closes it when it ends.
+Entering checks that usage can be recorded (503), counts the request in flight for its key and its
+account (429 past either cap), counts it against requests per minute (429; see api/limits.py) and
+checks that the account's plan allows the model (403). All of it before the request is tokenized
+or its grammar compiled: a request refused for its content has been counted. Leaving settles the
+limiter's reservation against what was really generated, writes the request's one usage row, and
+counts it out — however the request ended: refused, finished, failed, or the client gone. A
+streamed reply outlives its route: the route hands the ticket to the stream (`keep_open`), and the
+stream closes it when it ends.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class RequestTicket:
         self._max_usage_backlog_mb = max_usage_backlog_mb
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
-        self._reservation: Admission | None = None
+        self._admission: Admission | None = None
         self._end: GenerationEnd | None = None
         self._is_in_flight = False
         self._is_kept_open = False
@@ -68,7 +71,9 @@ class RequestTicket:
         try:
             self._check_usage_backlog()
             self._enter_in_flight()
-        except APIError as error:  # refused at the door: the row says so
+            self._admission = await self._limiter.admit(self.key)
+            self._check_plan_model()
+        except BaseException as error:  # refused at the door (or the client left): the row says so
             self.close(error)
             raise
         return self
@@ -78,11 +83,21 @@ class RequestTicket:
             return  # a stream holds it now, and closes it when it ends
         self.close(error)
 
-    async def reserve(self, num_prompt_tokens: int, max_num_completion_tokens: int) -> dict[str, str]:
-        """Charge the request to its key's rate limits (a 429 APIError when over them); the charge is
-        settled when the ticket closes. Returns the x-ratelimit-* headers for the reply."""
-        self._reservation = await self._limiter.admit(self.key, num_prompt_tokens, max_num_completion_tokens)
-        return self._reservation.headers
+    @property
+    def tenant(self) -> str:
+        """Who asked, for the engine's fair scheduling: the account first, then its key."""
+        return f"{self.key.account_id}/{self.key.id}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The x-ratelimit-* headers for the reply."""
+        return self._admission.headers if self._admission is not None else {}
+
+    async def reserve(self, num_prompt_tokens: int, n: int, max_tokens: int | None, default_max_tokens: int) -> int:
+        """Charge the request its prompt and n × its most tokens per choice against the token limits
+        and budgets (a 429 APIError when they cannot take it); settled when the ticket closes. Returns
+        the most tokens per choice: `max_tokens` if given, else `default_max_tokens` lowered to fit."""
+        return await self._limiter.reserve(self._admission, num_prompt_tokens, n, max_tokens, default_max_tokens)
 
     def on_first_token(self) -> None:
         if self._first_token_at is None:
@@ -106,12 +121,12 @@ class RequestTicket:
         self._is_closed = True
         try:
             end = self._end or _end_without_engine(error)
-            if self._reservation is not None:
-                self._limiter.settle(self._reservation, end.num_prompt_tokens + end.num_completion_tokens)
+            if self._admission is not None:
+                self._limiter.settle(self._admission, end.num_prompt_tokens + end.num_completion_tokens)
             self._write_row(end)
         finally:
             if self._is_in_flight:
-                self._in_flight.leave(self.key.id)
+                self._in_flight.leave(self.key.id, self.key.account_id)
 
     def _check_usage_backlog(self) -> None:
         backlog_mb = self._usage.backlog_bytes_seen / (1 << 20)
@@ -121,12 +136,24 @@ class RequestTicket:
                            headers={"Retry-After": RETRY_AFTER_SECONDS})
 
     def _enter_in_flight(self) -> None:
-        key_id = self.key.id
-        if not self._in_flight.try_enter(key_id):
-            raise APIError(429, f"This key has {self._in_flight.of_key(key_id)} requests in flight, the most this "
+        key = self.key
+        at_cap = self._in_flight.try_enter(key.id, key.account_id, key.plan.max_concurrent_requests)
+        if at_cap == "key":
+            raise APIError(429, f"This key has {self._in_flight.of_key(key.id)} requests in flight, the most this "
                                 "server runs at once for one key; wait for one to finish.", type="requests",
                            code="too_many_concurrent_requests", headers={"Retry-After": "1"})
+        if at_cap == "account":
+            raise APIError(429, f"Your account has {self._in_flight.of_account(key.account_id)} requests in flight "
+                                "over all its keys, the most it may run at once; wait for one to finish.",
+                           type="requests", code="too_many_concurrent_requests", headers={"Retry-After": "1"})
         self._is_in_flight = True
+
+    def _check_plan_model(self) -> None:
+        plan = self.key.plan
+        if not plan.allows_model(self.model):
+            raise APIError(403, f"Your account's plan{f' ({self.key.plan_name})' if self.key.plan_name else ''} "
+                                f"does not include the model {self.model!r}; it includes: {', '.join(plan.models)}.",
+                           type="invalid_request_error", param="model", code="model_not_in_plan")
 
     def _write_row(self, end: GenerationEnd) -> None:
         now = time.perf_counter()

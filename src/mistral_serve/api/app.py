@@ -14,7 +14,8 @@ from mistral_serve import __version__
 from mistral_serve.api import errors, middleware, openapi
 from mistral_serve.api.deps import ServingState
 from mistral_serve.api.in_flight import InFlight
-from mistral_serve.api.limits import InProcessCounters, RateLimiter, RedisCounters
+from mistral_serve.api.counters import InProcessCounters, RedisCounters
+from mistral_serve.api.limits import RateLimiter
 from mistral_serve.api.metrics import ServingMetrics
 from mistral_serve.api.routes import accounts, health, openai, web
 from mistral_serve.catalog import Catalog
@@ -40,7 +41,8 @@ def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sess
     usage = UsageWriter(db, UsageSpool(settings.usage_spool_dir))
     keys = KeyStore(db, outage_grace_s=settings.database_outage_grace_s)
     state = ServingState(settings, catalog, keys, ServingMetrics(catalog), limiter, usage,
-                         InFlight(settings.max_concurrent_requests_per_key))
+                         InFlight(settings.max_concurrent_requests_per_key,
+                                  settings.max_concurrent_requests_per_account))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST, GenerationEnd, RequestTicket
 from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.metrics import RequestTimer
+from mistral_serve.api.output_caps import OutputCaps
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs, ChunkChoice,
     DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCallOut, PromptTokensDetails, ResponseMessage,
@@ -59,18 +60,10 @@ class Generation:
     def completion_id(self) -> str:
         return self.ticket.request_id
 
-    @property
-    def max_num_completion_tokens(self) -> int:
-        """The most tokens the choices together may generate."""
-        num_per_choice = self.request.max_new_tokens
-        if num_per_choice is None:
-            num_per_choice = self.served.client.max_model_len - len(self.prompt_token_ids)
-        return self.params.n * num_per_choice
-
-
 def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer,
             ticket: RequestTicket) -> Generation:
-    """Tokenize and check the request; every problem is a 400 that says what to change."""
+    """Tokenize and check the request; every problem is a 400 that says what to change. Its grammar,
+    if any, is compiled later, by `validate`, once its tokens are paid for."""
     client = served.client
     tool_calling = _tool_calling(request, served)
     messages = [message.model_dump(exclude_none=True, by_alias=True) for message in request.messages]
@@ -88,14 +81,30 @@ def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestT
     elif request.effective_tool_choice == "none":  # the tools stay in the prompt; calling them is banned
         params = replace(params, logit_bias={**params.logit_bias, tool_calls_token_id(client.tokenizer): -100.0})
     _check_context(len(prompt), request.max_new_tokens, client.max_model_len)
+    return Generation(request, served, prompt, params, timer, ticket, tool_calling)
+
+
+async def reserve(generation: Generation, caps: OutputCaps) -> Generation:
+    """Charge the generation's tokens to its key's and account's limits (a 429 if they cannot take
+    them): its prompt and the most its choices may generate. That most becomes its max_tokens."""
+    params = generation.params
+    num_left = generation.served.client.max_model_len - len(generation.prompt_token_ids)
+    num_per_choice = caps.max_tokens_per_choice(params, num_left)
+    num_per_choice = await generation.ticket.reserve(len(generation.prompt_token_ids), params.n, params.max_tokens,
+                                                     num_per_choice)
+    return replace(generation, params=replace(params, max_tokens=num_per_choice))
+
+
+def validate(generation: Generation) -> None:
+    """The engine client's one validation of the request; it compiles the grammar, once per schema."""
+    request = generation.request
     try:
-        client.validate(prompt, params)  # the one validation; it compiles the grammar, once per schema
+        generation.served.client.validate(generation.prompt_token_ids, generation.params)
     except GuidedDecodingError as error:
         raise invalid_request(f"Invalid request: {error}", param=_guided_param(request)) from None
     except ValueError as error:
         param = "logit_bias" if "token id" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None
-    return Generation(request, served, prompt, params, timer, ticket, tool_calling)
 
 
 def _tool_calling(request: ChatCompletionRequest, served: ServedModel) -> ToolCalling | None:
@@ -183,7 +192,7 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
     try:
         # prepare() had the client validate these very prompt and params
         deltas = client.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id,
-                                 tenant=str(generation.ticket.key.id), is_validated=True)
+                                 tenant=generation.ticket.tenant, is_validated=True)
         async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
             is_begun = False
             async for delta in deltas:
@@ -366,8 +375,9 @@ async def complete(generation: Generation, chunks: AsyncIterator[ChatCompletionC
                     gathered = calls[choice.index].setdefault(call.index, {"id": call.id, "name": call.function.name,
                                                                            "arguments": []})
                     gathered["arguments"].append(call.function.arguments or "")
-                if choice.logprobs is not None:
-                    logprobs[choice.index] = (logprobs[choice.index] or []) + (choice.logprobs.content or [])
+                if choice.logprobs is not None:  # extended in place: a long reply is not copied per token
+                    logprobs[choice.index] = logprobs[choice.index] or []
+                    logprobs[choice.index].extend(choice.logprobs.content or ())
                 finish_reasons[choice.index] = choice.finish_reason or finish_reasons[choice.index]
     if None in finish_reasons:  # the engine ended the request without finishing every choice: a bug
         logger.error("chat completion %s ended with unfinished choices %s", generation.completion_id, finish_reasons)

@@ -16,6 +16,7 @@ from mistral_serve.api.errors import APIError, from_validation_error
 from mistral_serve.api.in_flight import InFlight
 from mistral_serve.api.limits import RateLimiter
 from mistral_serve.api.metrics import ServingMetrics
+from mistral_serve.api.output_caps import OutputCaps
 from mistral_serve.api.protocol import ChatCompletionRequest
 from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import ActiveKey, KeyRefused, KeyStore, KeyStoreUnavailable
@@ -33,6 +34,11 @@ class ServingState:
     usage: UsageWriter
     in_flight: InFlight
     is_ready: bool = False  # the engines are running, and the server is not shutting down
+
+    def output_caps(self, key: ActiveKey) -> OutputCaps:
+        """How much one request of `key` may generate: its account's plan, and this server's bounds."""
+        return OutputCaps(key.plan, key.plan_name, self.settings.max_generated_tokens_per_request,
+                          self.settings.max_logprobs_per_request)
 
     def admit(self, key: ActiveKey, model: str) -> RequestTicket:
         """The ticket of a chat request that `key` makes now for `model`, to enter with `async with`."""

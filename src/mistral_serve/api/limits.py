@@ -1,36 +1,37 @@
-"""Per-key limits, checked as a chat request is admitted: requests and tokens per minute, and a token
-budget per day or month.
+"""The rate limits and token budgets, checked in two steps as a chat request is admitted.
+
+Whose limits: a key's own (the tighter of its owner's limits and the operator's ceiling on it) and
+its account's plan (all the account's keys together). Every one of them must hold.
+
+1. `admit`, before any work on the request: the request is counted against requests per minute,
+   and refused if a tokens-per-minute window or a budget has nothing left. A request refused later
+   for its content has been counted.
+2. `reserve`, once the prompt is tokenized: the request is charged its prompt plus the most it may
+   generate (n × max_tokens) against tokens per minute and against every budget. If that cannot fit
+   a limit, the request is refused when the client gave max_tokens, and its max_tokens is lowered to
+   what fits when it did not. What was charged is settled when the request ends (`settle`).
 
 Windows: requests and tokens per minute are counted in fixed one-minute windows aligned to the
 clock (the window of time t is floor(t / 60)), so every replica names the same window and, with
 Redis, adds to the same count. A fixed window can let a key through at up to twice its rate across a
 window boundary; in exchange a count is one integer per window and the reset headers are exact.
-
-Tokens per minute: at admission a request is charged its prompt plus the most it may generate
-(n × max_tokens, or n × the rest of the context when max_tokens is not given), capped at the limit,
-so that a request asking for more than a minute's worth can still run alone in a fresh window. A
-prompt larger than the limit can never run and is refused without Retry-After. When the request
-ends, the charge is corrected to the tokens it used (prompt + completion): the difference goes back
+When a request ends, its token charge is corrected to the tokens it used: the difference goes back
 to (or is added to) the admission window while it is current; once a newer window has begun, only
 tokens beyond the charge are added, to the current window.
 
-Budgets: a key's budget per UTC day or calendar month is checked against the sum of its usage rows
-in the period (one indexed query, only for keys that have a budget). A request is refused when its
-prompt would take the spent tokens past the budget. Rows reach the database within a fraction of a
-second; requests still running are not yet counted, so concurrent requests can overrun a budget by
-what they generate.
+Budgets (per UTC day or calendar month): spent is the sum of the usage rows in the period; the
+requests in flight hold reservations in a counter beside it. A reservation is lowered to the tokens
+used when its request ends, and dropped `RESERVATION_HOLD_S` later, once the usage row is written.
 
-Counters live in the process (`InProcessCounters`) or in Redis (`RedisCounters`, shared by every
-replica). If Redis or the database cannot be reached, requests are let through and a warning is
-logged: an outage of the limiter does not stop serving.
+If Redis or the database cannot be reached, requests are let through and a warning is logged: an
+outage of the limiter does not stop serving.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 import logging
 import math
@@ -39,6 +40,7 @@ import time
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from mistral_serve.api.counters import Charge, Clock, Counters, CountersUnavailable
 from mistral_serve.api.errors import APIError
 from mistral_serve.db import crud
 from mistral_serve.db.key_store import ActiveKey
@@ -47,133 +49,60 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 COUNTER_TTL_S = 2 * WINDOW_S  # a window's counters outlive it a little, then expire
-Clock = Callable[[], float]  # seconds since the epoch, as time.time
-
-
-class CountersUnavailable(Exception):
-    pass
+RESERVATION_HOLD_S = 10.0  # a finished request's tokens stay reserved until its usage row is surely written
+QUOTA_RETRY_AFTER_S = 5  # a budget held by requests in flight frees up as they end
 
 
 @dataclass(frozen=True)
-class Charge:
-    name: str
-    amount: int
+class Budget:
+    """A token budget of a key or an account over one period, with what its usage rows have spent."""
+
+    scope: str  # "key" or "account"
+    owner_id: int
     limit: int
+    period: str  # "day" or "month"
+    start: datetime
+    end: datetime
+    num_spent: int
 
+    @property
+    def counter(self) -> str:
+        """The counter of the tokens its requests in flight have reserved."""
+        return f"{self.scope}:{self.owner_id}:reserved:{self.period}:{int(self.start.timestamp())}"
 
-class Counters(ABC):
-    """Named integer counters that expire."""
-
-    @abstractmethod
-    async def charge(self, charges: Sequence[Charge], ttl_s: int) -> tuple[bool, list[int]]:
-        """Atomically: if every counter plus its amount stays within its limit, add the amounts and
-        return (True, the new values); otherwise change nothing and return (False, the current values)."""
-
-    @abstractmethod
-    async def add(self, name: str, amount: int, ttl_s: int) -> None:
-        """Add `amount` (negative: take away) to the counter `name`."""
-
-    async def close(self) -> None:
-        pass
-
-
-class InProcessCounters(Counters):
-    """Counters in a dict: one process's view. Used on the event loop only, so each call is atomic."""
-
-    def __init__(self, clock: Clock = time.time):
-        self.clock = clock
-        self._counters: dict[str, list[float]] = {}  # name → [value, expires at]
-        self._next_sweep = 0.0
-
-    async def charge(self, charges: Sequence[Charge], ttl_s: int) -> tuple[bool, list[int]]:
-        now = self.clock()
-        self._may_sweep(now)
-        values = [self._value(charge.name, now) for charge in charges]
-        if any(value + charge.amount > charge.limit for value, charge in zip(values, charges)):
-            return False, values
-        for charge in charges:
-            self._add(charge.name, charge.amount, ttl_s, now)
-        return True, [self._value(charge.name, now) for charge in charges]
-
-    async def add(self, name: str, amount: int, ttl_s: int) -> None:
-        self._add(name, amount, ttl_s, self.clock())
-
-    def _value(self, name: str, now: float) -> int:
-        entry = self._counters.get(name)
-        return int(entry[0]) if entry is not None and entry[1] > now else 0
-
-    def _add(self, name: str, amount: int, ttl_s: int, now: float) -> None:
-        self._counters[name] = [self._value(name, now) + amount, now + ttl_s]
-
-    def _may_sweep(self, now: float) -> None:
-        if now >= self._next_sweep:
-            self._counters = {name: entry for name, entry in self._counters.items() if entry[1] > now}
-            self._next_sweep = now + WINDOW_S
-
-
-# KEYS: the counters; ARGV: the time to live, then each counter's amount and limit
-_CHARGE_SCRIPT = """
-local values = {}
-local admitted = 1
-for i, key in ipairs(KEYS) do
-  values[i] = tonumber(redis.call('GET', key) or '0')
-  if values[i] + tonumber(ARGV[2 * i]) > tonumber(ARGV[2 * i + 1]) then admitted = 0 end
-end
-if admitted == 1 then
-  for i, key in ipairs(KEYS) do
-    values[i] = redis.call('INCRBY', key, ARGV[2 * i])
-    redis.call('EXPIRE', key, ARGV[1])
-  end
-end
-table.insert(values, 1, admitted)
-return values
-"""
-
-
-class RedisCounters(Counters):
-    """Counters in Redis, shared by every replica: a charge is one Lua script (atomic), an adjustment
-    one INCRBY + EXPIRE transaction."""
-
-    def __init__(self, url: str, prefix: str = "mistral-serve:limits:"):
-        import redis.asyncio
-
-        self.prefix = prefix
-        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        self._charge = self.redis.register_script(_CHARGE_SCRIPT)
-
-    async def charge(self, charges: Sequence[Charge], ttl_s: int) -> tuple[bool, list[int]]:
-        args = [ttl_s]
-        for charge in charges:
-            args += [charge.amount, charge.limit]
-        try:
-            admitted, *values = await self._charge(keys=[self.prefix + charge.name for charge in charges], args=args)
-        except Exception as error:  # redis raises its own errors and OSError subclasses
-            raise CountersUnavailable(str(error)) from error
-        return bool(admitted), [int(value) for value in values]
-
-    async def add(self, name: str, amount: int, ttl_s: int) -> None:
-        try:
-            async with self.redis.pipeline(transaction=True) as pipeline:
-                await pipeline.incrby(self.prefix + name, amount).expire(self.prefix + name, ttl_s).execute()
-        except Exception as error:
-            raise CountersUnavailable(str(error)) from error
-
-    async def close(self) -> None:
-        await self.redis.aclose()
+    @property
+    def num_left(self) -> int:
+        return self.limit - self.num_spent
 
 
 @dataclass(frozen=True)
-class Admission:
-    """A request let through: what it was charged, and the headers that tell the client where it stands."""
+class _Limit:
+    """One counter a request is charged to, and what to tell the client when it is full."""
 
-    key_id: int
+    kind: str  # "requests", "tokens" or "budget"
+    scope: str  # "key" or "account"
+    counter: str
+    limit: int
+    budget: Budget | None = None
+
+
+@dataclass
+class Admission:
+    """A request let through `admit`: its limits, its charges so far, and the headers that tell the
+    client where it stands."""
+
+    key: ActiveKey
     window: int
-    num_tokens_charged: int | None  # None: the key has no tokens-per-minute limit
     headers: dict[str, str]
+    budgets: list[Budget]
+    token_limits: list[_Limit]  # tokens per minute, the key's and the account's
+    num_tokens_reserved: int = 0  # charged to every token limit and budget by `reserve`
+    is_enforced: bool = True  # False: the counters were unavailable, nothing was charged
+    _charged: list[_Limit] = field(default_factory=list)
 
 
 class RateLimiter:
-    """Admits requests within their key's limits (429 otherwise) and corrects token charges after."""
+    """Admits requests within their key's and account's limits (429 otherwise) and settles what they used."""
 
     def __init__(self, counters: Counters, sessions: sessionmaker[Session] | None = None, clock: Clock = time.time):
         self.counters = counters
@@ -181,55 +110,113 @@ class RateLimiter:
         self.clock = clock
         self._corrections: set[asyncio.Task] = set()
 
-    async def admit(self, key: ActiveKey, num_prompt_tokens: int, max_num_completion_tokens: int) -> Admission:
-        """Charge one request of `key` to its windows, or raise a 429 APIError that says when to retry."""
-        limits = key.limits
+    # step 1: before any work
+
+    async def admit(self, key: ActiveKey) -> Admission:
+        """Count one request of `key` against requests per minute; a 429 APIError if that, a full
+        tokens-per-minute window or a spent budget refuses it."""
         now = self.clock()
         window = math.floor(now / WINDOW_S)
-        if limits.token_budget is not None:
-            await self._check_budget(key, num_prompt_tokens, now)
-        charges = []
-        if limits.requests_per_minute is not None:
-            charges.append(Charge(_counter_name(key.id, "requests", window), 1, limits.requests_per_minute))
-        num_tokens_charged = None
-        if limits.tokens_per_minute is not None:
-            if num_prompt_tokens > limits.tokens_per_minute:
-                raise APIError(429, f"Request too large for tokens per min (TPM) on key msk-{key.prefix}…: Limit "
-                                    f"{limits.tokens_per_minute}, Requested {num_prompt_tokens}. Shorten the "
-                                    "messages.", type="tokens", code="rate_limit_exceeded")
-            num_tokens_charged = min(num_prompt_tokens + max_num_completion_tokens, limits.tokens_per_minute)
-            charges.append(Charge(_counter_name(key.id, "tokens", window), num_tokens_charged,
-                                  limits.tokens_per_minute))
+        budgets = await self._budgets(key, now)
+        for budget in budgets:
+            if budget.num_left <= 0:
+                raise _over_budget(key, budget, now)
+        token_limits = [_Limit("tokens", scope, f"{scope}:{owner}:tokens:{window}", limit)
+                        for scope, owner, limit in (("key", key.id, key.tokens_per_minute),
+                                                    ("account", key.account_id, key.plan.tokens_per_minute))
+                        if limit is not None]
+        request_limits = [_Limit("requests", scope, f"{scope}:{owner}:requests:{window}", limit)
+                          for scope, owner, limit in (("key", key.id, key.requests_per_minute),
+                                                      ("account", key.account_id, key.plan.requests_per_minute))
+                          if limit is not None]
+        budget_limits = [_Limit("budget", budget.scope, budget.counter, budget.num_left, budget)
+                         for budget in budgets]
+        # requests are counted; token windows and budgets only need one token left (a charge of 0 within limit - 1)
+        charges = ([Charge(limit.counter, 1, limit.limit) for limit in request_limits]
+                   + [Charge(limit.counter, 0, limit.limit - 1) for limit in token_limits + budget_limits])
+        admission = Admission(key, window, {}, budgets, token_limits)
         if not charges:
-            return Admission(key.id, window, None, {})
+            return admission
         try:
-            is_admitted, values = await self.counters.charge(charges, COUNTER_TTL_S)
+            is_admitted, values = await self.counters.charge(charges, self._ttl(budgets, now))
         except CountersUnavailable as error:
             log.warning("rate limits not enforced: the counters are unavailable (%s)", error)
-            return Admission(key.id, window, None, {})
+            admission.is_enforced = False
+            return admission
+        limits = request_limits + token_limits + budget_limits
         reset_s = (window + 1) * WINDOW_S - now
-        headers = _headers(charges, values, reset_s)
+        admission.headers = _headers(limits, values, reset_s)
         if not is_admitted:
-            raise _limited(key, charges, values, reset_s, headers)
-        return Admission(key.id, window, num_tokens_charged, headers)
+            charge, limit, value = _first_refused(charges, limits, values)
+            if limit.kind == "budget":
+                raise _budget_held(key, limit.budget)
+            raise _limited(key, limit, value, charge.amount or 1, reset_s, admission.headers)
+        return admission
+
+    # step 2: once the prompt is tokenized
+
+    async def reserve(self, admission: Admission, num_prompt_tokens: int, n: int, max_tokens: int | None,
+                      default_max_tokens: int) -> int:
+        """Charge the request its prompt plus n × its most tokens per choice; returns that most:
+        `max_tokens` when the client gave it (a 429 if it cannot fit), else `default_max_tokens`
+        lowered to what fits every limit."""
+        key = admission.key
+        num_per_choice = default_max_tokens if max_tokens is None else max_tokens
+        if not admission.is_enforced:
+            return num_per_choice
+        fits = [(limit, limit.limit) for limit in admission.token_limits]
+        fits += [(_Limit("budget", budget.scope, budget.counter, budget.num_left, budget), budget.num_left)
+                 for budget in admission.budgets]
+        for limit, room in fits:
+            num_fitting = (room - num_prompt_tokens) // n
+            if num_fitting >= num_per_choice:
+                continue
+            if max_tokens is not None or num_fitting < 1:
+                raise _too_large(key, limit, num_prompt_tokens, n, max_tokens)
+            num_per_choice = num_fitting
+        amount = num_prompt_tokens + n * num_per_choice
+        limits = [limit for limit, _ in fits]
+        charges = [Charge(limit.counter, amount, room) for limit, room in fits]
+        if not charges:
+            return num_per_choice
+        now = self.clock()
+        try:
+            is_admitted, values = await self.counters.charge(charges, self._ttl(admission.budgets, now))
+        except CountersUnavailable as error:
+            log.warning("token limits not enforced: the counters are unavailable (%s)", error)
+            return num_per_choice
+        reset_s = (admission.window + 1) * WINDOW_S - now
+        admission.headers.update(_headers(limits, values, reset_s))
+        if not is_admitted:
+            charge, limit, value = _first_refused(charges, limits, values)
+            if limit.kind == "budget":
+                raise _budget_held(key, limit.budget)
+            raise _limited(key, limit, value, amount, reset_s, admission.headers)
+        admission.num_tokens_reserved = amount
+        admission._charged = limits
+        return num_per_choice
 
     def settle(self, admission: Admission, num_tokens_used: int) -> None:
-        """Correct the admission's token charge to `num_tokens_used`. Never waits: it may be called as a
+        """Correct the admission's charges to `num_tokens_used`. Never waits: it may be called as a
         request is being cancelled."""
-        if admission.num_tokens_charged is None:
+        if not admission._charged:
             return
         window = math.floor(self.clock() / WINDOW_S)
-        difference = num_tokens_used - admission.num_tokens_charged
-        if window != admission.window:  # the admission window is over: only an excess still counts
-            difference = max(difference, 0)
-        if difference:
-            name = _counter_name(admission.key_id, "tokens", window)
-            task = asyncio.get_running_loop().create_task(self._add(name, difference))
-            self._corrections.add(task)
-            task.add_done_callback(self._corrections.discard)
+        difference = num_tokens_used - admission.num_tokens_reserved
+        for limit in admission._charged:
+            if limit.kind == "tokens":
+                if window != admission.window:  # the admission window is over: only an excess still counts
+                    name = limit.counter.rsplit(":", 1)[0] + f":{window}"
+                    self._correct(name, max(difference, 0), COUNTER_TTL_S)
+                else:
+                    self._correct(limit.counter, difference, COUNTER_TTL_S)
+            else:  # a budget: down to what was used now, to nothing once the usage row counts it
+                ttl_s = self._ttl([limit.budget], self.clock())
+                self._correct(limit.counter, difference, ttl_s)
+                self._correct(limit.counter, -num_tokens_used, ttl_s, delay_s=RESERVATION_HOLD_S)
 
     async def drain(self) -> None:
-        """Wait for the corrections under way."""
+        """Wait for the corrections under way (delayed ones included)."""
         while self._corrections:
             await asyncio.wait(set(self._corrections))
 
@@ -237,32 +224,46 @@ class RateLimiter:
         await self.drain()
         await self.counters.close()
 
-    async def _add(self, name: str, amount: int) -> None:
+    def _correct(self, name: str, amount: int, ttl_s: int, delay_s: float = 0.0) -> None:
+        if amount:
+            task = asyncio.get_running_loop().create_task(self._add(name, amount, ttl_s, delay_s))
+            self._corrections.add(task)
+            task.add_done_callback(self._corrections.discard)
+
+    async def _add(self, name: str, amount: int, ttl_s: int, delay_s: float) -> None:
+        if delay_s:
+            await asyncio.sleep(delay_s)
         try:
-            await self.counters.add(name, amount, COUNTER_TTL_S)
+            await self.counters.add(name, amount, ttl_s)
         except CountersUnavailable as error:
             log.warning("a token count was not corrected: the counters are unavailable (%s)", error)
 
-    async def _check_budget(self, key: ActiveKey, num_prompt_tokens: int, now: float) -> None:
-        if self.sessions is None:
-            return
-        start, end = budget_period(key.limits.budget_period, now)
-        try:
-            num_spent = await asyncio.to_thread(self._count_spent, key.id, start)
-        except SQLAlchemyError as error:
-            log.warning("token budget not enforced: usage cannot be read (%s)", error)
-            return
-        budget = key.limits.token_budget
-        if num_spent + num_prompt_tokens > budget:
-            retry_s = max(1, math.ceil((end - datetime.fromtimestamp(now, timezone.utc)).total_seconds()))
-            raise APIError(429, f"You exceeded the token budget of key msk-{key.prefix}…: {budget} tokens per "
-                                f"{key.limits.budget_period}, {num_spent} spent. It renews in {_duration(retry_s)}.",
-                           type="insufficient_quota", code="insufficient_quota",
-                           headers={"Retry-After": str(retry_s)})
+    @staticmethod
+    def _ttl(budgets: Sequence[Budget], now: float) -> int:
+        """Counters live two windows, and a budget's reservations until its period is over."""
+        return max([COUNTER_TTL_S] + [math.ceil(budget.end.timestamp() - now) + WINDOW_S for budget in budgets])
 
-    def _count_spent(self, key_id: int, since: datetime) -> int:
+    async def _budgets(self, key: ActiveKey, now: float) -> list[Budget]:
+        wanted = ([("key", key.id, limit, period) for limit, period in key.budgets()]
+                  + [("account", key.account_id, limit, period) for limit, period in key.plan.budgets()])
+        if not wanted or self.sessions is None:
+            return []
+        try:
+            return await asyncio.to_thread(self._read_budgets, wanted, now)
+        except SQLAlchemyError as error:
+            log.warning("token budgets not enforced: usage cannot be read (%s)", error)
+            return []
+
+    def _read_budgets(self, wanted: list[tuple[str, int, int, str]], now: float) -> list[Budget]:
+        budgets, spent = [], {}
         with self.sessions() as session:
-            return crud.count_key_tokens(session, key_id, since)
+            for scope, owner_id, limit, period in wanted:
+                start, end = budget_period(period, now)
+                if (scope, period) not in spent:
+                    count = crud.count_key_tokens if scope == "key" else crud.count_account_tokens
+                    spent[scope, period] = count(session, owner_id, start)
+                budgets.append(Budget(scope, owner_id, limit, period, start, end, spent[scope, period]))
+        return budgets
 
 
 def budget_period(period: str, now: float) -> tuple[datetime, datetime]:
@@ -276,35 +277,71 @@ def budget_period(period: str, now: float) -> tuple[datetime, datetime]:
     return start, end
 
 
-def _counter_name(key_id: int, kind: str, window: int) -> str:
-    return f"{key_id}:{kind}:{window}"
+def _first_refused(charges: Sequence[Charge], limits: Sequence[_Limit], values: Sequence[int]):
+    return next((charge, limit, value) for charge, limit, value in zip(charges, limits, values)
+                if value + charge.amount > charge.limit)
 
 
-def _kind(charge: Charge) -> str:
-    return charge.name.split(":")[1]  # "requests" or "tokens"
-
-
-def _headers(charges: Sequence[Charge], values: Sequence[int], reset_s: float) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* trio for each limit the key has."""
+def _headers(limits: Sequence[_Limit], values: Sequence[int], reset_s: float) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* trio for requests and for tokens, each of the tightest limit of its kind.
+    `values`: the counters after a charge that went through, or as they were if it was refused."""
     headers = {}
-    for charge, value in zip(charges, values):
-        kind = _kind(charge)
-        headers[f"x-ratelimit-limit-{kind}"] = str(charge.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, charge.limit - value))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset_s)
+    for kind in ("requests", "tokens"):
+        remaining = [(limit.limit - value, limit) for limit, value in zip(limits, values) if limit.kind == kind]
+        if remaining:
+            num_left, limit = min(remaining, key=lambda item: item[0])
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, num_left))
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(reset_s)
     return headers
 
 
-def _limited(key: ActiveKey, charges: Sequence[Charge], values: Sequence[int], reset_s: float,
+def _whose(key: ActiveKey, scope: str) -> str:
+    return f"key msk-{key.prefix}…" if scope == "key" else f"your account's plan{_plan(key)}"
+
+
+def _plan(key: ActiveKey) -> str:
+    return f" ({key.plan_name})" if key.plan_name else ""
+
+
+def _limited(key: ActiveKey, limit: _Limit, value: int, amount: int, reset_s: float,
              headers: dict[str, str]) -> APIError:
-    charge, value = next((charge, value) for charge, value in zip(charges, values)
-                         if value + charge.amount > charge.limit)
-    kind = _kind(charge)
-    unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+    unit = "requests per min (RPM)" if limit.kind == "requests" else "tokens per min (TPM)"
     retry_s = max(1, math.ceil(reset_s))
-    return APIError(429, f"Rate limit reached for {unit} on key msk-{key.prefix}…: Limit {charge.limit}, Used "
-                         f"{value}, Requested {charge.amount}. Please try again in {_duration(reset_s)}.",
-                    type=kind, code="rate_limit_exceeded", headers={**headers, "Retry-After": str(retry_s)})
+    return APIError(429, f"Rate limit reached for {unit} on {_whose(key, limit.scope)}: Limit {limit.limit}, Used "
+                         f"{value}, Requested {amount}. Please try again in {_duration(reset_s)}.",
+                    type=limit.kind, code="rate_limit_exceeded", headers={**headers, "Retry-After": str(retry_s)})
+
+
+def _too_large(key: ActiveKey, limit: _Limit, num_prompt_tokens: int, n: int, max_tokens: int | None) -> APIError:
+    """A request that could never fit a limit, whenever it came: no Retry-After."""
+    if max_tokens is None:
+        asked = f"its {num_prompt_tokens} prompt tokens and at least one token for each of its {n} choices"
+        fix = "Shorten the messages or lower n."
+    else:
+        asked = f"{num_prompt_tokens} prompt tokens + {n} × max_tokens {max_tokens}"
+        fix = "Lower max_tokens or n, or shorten the messages."
+    if limit.kind == "budget":
+        budget = limit.budget
+        return APIError(429, f"This request needs {asked}, more than is left of the token budget of "
+                             f"{_whose(key, limit.scope)}: {budget.num_left} of {budget.limit} per {budget.period}. "
+                             f"{fix}", type="insufficient_quota", code="insufficient_quota")
+    return APIError(429, f"Request too large for tokens per min (TPM) on {_whose(key, limit.scope)}: Limit "
+                         f"{limit.limit}, Requested {asked}. {fix}", type="tokens", code="rate_limit_exceeded")
+
+
+def _over_budget(key: ActiveKey, budget: Budget, now: float) -> APIError:
+    retry_s = max(1, math.ceil((budget.end - datetime.fromtimestamp(now, timezone.utc)).total_seconds()))
+    return APIError(429, f"You exceeded the token budget of {_whose(key, budget.scope)}: {budget.limit} tokens per "
+                         f"{budget.period}, {budget.num_spent} spent. It renews in {_duration(retry_s)}.",
+                    type="insufficient_quota", code="insufficient_quota", headers={"Retry-After": str(retry_s)})
+
+
+def _budget_held(key: ActiveKey, budget: Budget) -> APIError:
+    return APIError(429, f"What is left of the token budget of {_whose(key, budget.scope)} ({budget.num_left} of "
+                         f"{budget.limit} per {budget.period}) is reserved by requests in flight; try again when "
+                         "they end.", type="insufficient_quota", code="insufficient_quota",
+                    headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)})
 
 
 def _duration(seconds: float) -> str:

@@ -22,7 +22,7 @@ from fastapi import Depends, Request, Response
 
 from mistral_serve.api.deps import DbSession
 from mistral_serve.api.errors import APIError
-from mistral_serve.api.limits import Charge, Counters, CountersUnavailable
+from mistral_serve.api.counters import Charge, Counters, CountersUnavailable
 from mistral_serve.db import crud
 from mistral_serve.db.models import Account
 from mistral_serve.security import generate_token

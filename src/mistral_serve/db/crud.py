@@ -1,4 +1,5 @@
-"""Reads and writes of accounts, API keys and usage. The only module that commits: callers pass a Session."""
+"""Reads and writes of accounts, API keys and usage. With plans.py and invites.py, the only modules that
+commit: callers pass a Session."""
 
 from __future__ import annotations
 
@@ -46,7 +47,33 @@ class KeyLimits:
 
     @classmethod
     def of(cls, key: ApiKey) -> KeyLimits:
+        """The limits the key's owner set."""
         return cls(key.requests_per_minute, key.tokens_per_minute, key.token_budget, key.budget_period)
+
+    @classmethod
+    def ceiling_of(cls, key: ApiKey) -> KeyLimits:
+        """The operator's ceiling on the key."""
+        return cls(key.ceiling_requests_per_minute, key.ceiling_tokens_per_minute, key.ceiling_token_budget,
+                   key.ceiling_budget_period)
+
+    def above(self, ceiling: KeyLimits) -> str | None:
+        """The first of these limits that `ceiling` does not allow (higher, or none where the ceiling has
+        one, or a budget of another period or above it); None if they all fit."""
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            limit, value = getattr(ceiling, name), getattr(self, name)
+            if limit is not None and (value is None or value > limit):
+                return f"{name} {'unlimited' if value is None else value} is above the ceiling of {limit}"
+        if ceiling.token_budget is not None and (
+                self.token_budget is None or self.budget_period != ceiling.budget_period
+                or self.token_budget > ceiling.token_budget):
+            shown = "none" if self.token_budget is None else f"{self.token_budget} per {self.budget_period}"
+            return (f"token_budget {shown} is above the ceiling of {ceiling.token_budget} per "
+                    f"{ceiling.budget_period}")
+        return None
+
+    @property
+    def is_unlimited(self) -> bool:
+        return self == KeyLimits()
 
 
 def normalize_email(email: str) -> str:
@@ -55,24 +82,32 @@ def normalize_email(email: str) -> str:
     normalized = email.strip().lower()
     local, at, domain = normalized.rpartition("@")
     if (not at or not local or "." not in domain.strip(".") or len(normalized) > MAX_EMAIL_CHARS
-            or any(char.isspace() or _is_control(char) for char in normalized)):
+            or any(char.isspace() or is_control(char) for char in normalized)):
         raise ValueError(f"not an email address: {email!r}")
     return normalized
 
 
 # accounts
 
-def create_account(session: Session, email: str, password: str | None) -> Account:
-    """A new enabled account. `password=None` makes one that cannot log in with a password."""
+def create_account(session: Session, email: str, password: str | None, *, is_admin: bool = False,
+                   is_self_registered: bool = False, plan_id: int | None = None, commit: bool = True) -> Account:
+    """A new enabled account. `password=None` makes one that cannot log in with a password;
+    `is_self_registered`: made by sign-up, not by an operator. `commit=False`: flushed only, for a
+    caller's transaction."""
     account = Account(email=normalize_email(email),
-                      password_hash=None if password is None else hash_password(password))
+                      password_hash=None if password is None else hash_password(password), is_admin=is_admin,
+                      is_self_registered=is_self_registered, plan_id=plan_id)
     session.add(account)
     try:
-        session.commit()
+        session.commit() if commit else session.flush()
     except IntegrityError:
         session.rollback()
         raise AlreadyExists(f"an account with the email {account.email} exists already") from None
     return account
+
+
+def get_account(session: Session, account_id: int) -> Account | None:
+    return session.get(Account, account_id)
 
 
 def get_account_by_email(session: Session, email: str) -> Account | None:
@@ -87,10 +122,30 @@ def list_accounts(session: Session) -> list[Account]:
     return list(session.scalars(select(Account).options(joinedload(Account.api_keys)).order_by(Account.id)).unique())
 
 
-def set_account_enabled(session: Session, account: Account, is_enabled: bool) -> Account:
+def set_account_enabled(session: Session, account: Account, is_enabled: bool, reason: str | None = None) -> Account:
+    """An operator's act: a disabled account's keys and logins are refused; `reason` is shown to its owner."""
     account.is_enabled = is_enabled
+    account.disabled_reason = None if is_enabled else _reason(reason)
     session.commit()
     return account
+
+
+def set_account_admin(session: Session, account: Account, is_admin: bool) -> Account:
+    account.is_admin = is_admin
+    session.commit()
+    return account
+
+
+MAX_REASON_CHARS = 200
+
+
+def _reason(reason: str | None) -> str | None:
+    if reason is None or not reason.strip():
+        return None
+    reason = reason.strip()
+    if len(reason) > MAX_REASON_CHARS or any(is_control(char) for char in reason):
+        raise ValueError(f"a reason has at most {MAX_REASON_CHARS} characters, no control characters")
+    return reason
 
 
 def set_password(session: Session, account: Account, password: str) -> Account:
@@ -152,36 +207,53 @@ def delete_other_login_sessions(session: Session, account: Account, keep_token: 
 
 # API keys
 
-def create_api_key(session: Session, account: Account, name: str,
-                   limits: KeyLimits = KeyLimits()) -> tuple[ApiKey, str]:
-    """A new enabled key for `account`, and its raw secret: returned once, stored only as a hash."""
+def create_api_key(session: Session, account: Account, name: str, limits: KeyLimits = KeyLimits(),
+                   ceiling: KeyLimits = KeyLimits()) -> tuple[ApiKey, str]:
+    """A new enabled key for `account`, and its raw secret: returned once, stored only as a hash.
+    `limits`: its owner's; `ceiling`: the operator's, which the owner cannot lift."""
     raw_key = generate_api_key()
     key = ApiKey(account_id=account.id, name=_key_name(name), prefix=api_key_prefix(raw_key),
-                 key_hash=hash_api_key(raw_key),
-                 requests_per_minute=limits.requests_per_minute, tokens_per_minute=limits.tokens_per_minute,
-                 token_budget=limits.token_budget, budget_period=limits.budget_period)
+                 key_hash=hash_api_key(raw_key))
+    _set_limits(key, limits)
+    _set_ceiling(key, ceiling)
     session.add(key)
     session.commit()
     return key, raw_key
+
+
+def _set_limits(key: ApiKey, limits: KeyLimits) -> None:
+    key.requests_per_minute, key.tokens_per_minute = limits.requests_per_minute, limits.tokens_per_minute
+    key.token_budget, key.budget_period = limits.token_budget, limits.budget_period
+
+
+def _set_ceiling(key: ApiKey, ceiling: KeyLimits) -> None:
+    key.ceiling_requests_per_minute, key.ceiling_tokens_per_minute = (ceiling.requests_per_minute,
+                                                                      ceiling.tokens_per_minute)
+    key.ceiling_token_budget, key.ceiling_budget_period = ceiling.token_budget, ceiling.budget_period
+
+
+def count_account_keys(session: Session, account: Account) -> int:
+    return session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.account_id == account.id))
 
 
 def _key_name(name: str) -> str:
     name = name.strip()
     if not name or len(name) > MAX_KEY_NAME_CHARS:
         raise ValueError(f"a key name has 1 to {MAX_KEY_NAME_CHARS} characters")
-    if any(_is_control(char) for char in name):
+    if any(is_control(char) for char in name):
         raise ValueError("a key name has no control characters")
     return name
 
 
-def _is_control(char: str) -> bool:
+def is_control(char: str) -> bool:
     return char < " " or "\x7f" <= char <= "\x9f"  # PostgreSQL cannot store NUL; none belongs in a name
 
 
 def find_key_by_raw(session: Session, raw_key: str) -> ApiKey | None:
     """The key whose hash is that of `raw_key`, with its account; None if there is none."""
     key_hash = hash_api_key(raw_key)
-    key = session.scalar(select(ApiKey).options(joinedload(ApiKey.account)).where(ApiKey.key_hash == key_hash))
+    key = session.scalar(select(ApiKey).options(joinedload(ApiKey.account).joinedload(Account.plan))
+                         .where(ApiKey.key_hash == key_hash))
     if key is None or not hmac.compare_digest(key.key_hash, key_hash):
         return None
     return key
@@ -196,16 +268,36 @@ def get_account_key(session: Session, account: Account, key_id: int) -> ApiKey |
     return session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.account_id == account.id))
 
 
+class OperatorDecision(PermissionError):
+    """The owner tried to undo what an operator decided about a key."""
+
+
 def update_key(session: Session, key: ApiKey, *, name: str | None = None, is_enabled: bool | None = None,
                limits: KeyLimits | None = None) -> ApiKey:
-    """Rename, enable or disable `key`, or replace all its limits; what is None stays as it is."""
+    """The owner renames, enables or disables `key`, or replaces all its limits; what is None stays as
+    it is. OperatorDecision when enabling a key the operator disabled; ValueError for limits above the
+    key's ceiling (the plan's are the caller's to check)."""
+    if is_enabled and key.is_operator_disabled:
+        raise OperatorDecision(f"The key msk-{key.prefix}… was disabled by the operator"
+                               + (f": {key.disabled_reason}" if key.disabled_reason else "")
+                               + ". Only the operator can enable it again.")
+    if limits is not None:
+        above = limits.above(KeyLimits.ceiling_of(key))
+        if above is not None:
+            raise ValueError(f"{above} the operator set on this key")
     if name is not None:
         key.name = _key_name(name)
     if is_enabled is not None:
         key.is_enabled = is_enabled
     if limits is not None:
-        key.requests_per_minute, key.tokens_per_minute = limits.requests_per_minute, limits.tokens_per_minute
-        key.token_budget, key.budget_period = limits.token_budget, limits.budget_period
+        _set_limits(key, limits)
+    session.commit()
+    return key
+
+
+def set_key_ceiling(session: Session, key: ApiKey, ceiling: KeyLimits) -> ApiKey:
+    """The operator's ceiling on `key`; the owner's limits stay, and the tighter of the two applies."""
+    _set_ceiling(key, ceiling)
     session.commit()
     return key
 
@@ -225,8 +317,12 @@ def list_keys(session: Session, account: Account | None = None) -> list[ApiKey]:
     return list(session.scalars(query))
 
 
-def set_key_enabled(session: Session, key: ApiKey, is_enabled: bool) -> ApiKey:
+def set_key_enabled_by_operator(session: Session, key: ApiKey, is_enabled: bool, reason: str | None = None) -> ApiKey:
+    """An operator disables a key (its owner cannot enable it again; `reason` is shown to the owner) or
+    enables it."""
     key.is_enabled = is_enabled
+    key.is_operator_disabled = not is_enabled
+    key.disabled_reason = None if is_enabled else _reason(reason)
     session.commit()
     return key
 
@@ -301,6 +397,12 @@ def count_key_tokens(session: Session, key_id: int, since: datetime) -> int:
     """Prompt and completion tokens of `key_id`'s requests since `since`: what its budget has spent."""
     return session.scalar(select(func.coalesce(func.sum(Usage.prompt_tokens + Usage.completion_tokens), 0))
                           .where(Usage.key_id == key_id, Usage.created_at >= since))
+
+
+def count_account_tokens(session: Session, account_id: int, since: datetime) -> int:
+    """Prompt and completion tokens of `account_id`'s requests since `since`, all keys together."""
+    return session.scalar(select(func.coalesce(func.sum(Usage.prompt_tokens + Usage.completion_tokens), 0))
+                          .where(Usage.account_id == account_id, Usage.created_at >= since))
 
 
 USAGE_GROUPS = ("key", "model", "day")

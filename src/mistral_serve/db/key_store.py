@@ -10,8 +10,9 @@ import time
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mistral_serve.db import crud
+from mistral_serve.db import crud, plans
 from mistral_serve.db.crud import KeyLimits
+from mistral_serve.db.plans import PlanLimits
 from mistral_serve.security import hash_api_key
 
 
@@ -36,7 +37,28 @@ class ActiveKey:
     account_id: int
     name: str
     prefix: str
-    limits: KeyLimits
+    limits: KeyLimits  # the owner's
+    ceiling: KeyLimits = KeyLimits()  # the operator's on this key
+    plan: PlanLimits = PlanLimits()  # the account's (its own, or the default plan), for all its keys together
+    plan_name: str | None = None
+
+    @property
+    def requests_per_minute(self) -> int | None:
+        """The key's own limit: the tighter of its owner's and its ceiling."""
+        return _tighter(self.limits.requests_per_minute, self.ceiling.requests_per_minute)
+
+    @property
+    def tokens_per_minute(self) -> int | None:
+        return _tighter(self.limits.tokens_per_minute, self.ceiling.tokens_per_minute)
+
+    def budgets(self) -> list[tuple[int, str]]:
+        """The key's own token budgets, the owner's and the ceiling's: (tokens, "day" or "month")."""
+        return [(limits.token_budget, limits.budget_period) for limits in (self.limits, self.ceiling)
+                if limits.token_budget is not None]
+
+
+def _tighter(first: int | None, second: int | None) -> int | None:
+    return second if first is None else first if second is None else min(first, second)
 
 
 class KeyStore:
@@ -68,9 +90,13 @@ class KeyStore:
                                  "`mistral-serve keys create` and list yours with `mistral-serve keys list`.")
             if not key.is_enabled or not key.account.is_enabled:
                 self._forget(key_hash)
-                raise KeyRefused(f"The API key msk-{key.prefix}… is disabled; enable it to use it again."
-                                 if not key.is_enabled else "The account this API key belongs to is disabled.")
-            active = ActiveKey(key.id, key.account_id, key.name, key.prefix, KeyLimits.of(key))
+                raise KeyRefused(_refusal(key))
+            try:
+                plan = plans.account_plan(session, key.account)
+            except SQLAlchemyError as error:
+                return self._accepted_during_outage(key_hash, error)
+            active = ActiveKey(key.id, key.account_id, key.name, key.prefix, KeyLimits.of(key),
+                               KeyLimits.ceiling_of(key), PlanLimits.of(plan), plan.name if plan else None)
             self._remember(key_hash, active)
             try:
                 crud.touch_key_last_used(session, key.id)
@@ -105,3 +131,15 @@ class KeyStore:
             return remembered[1]
         log.error("cannot read API keys: %s", error)
         raise KeyStoreUnavailable("The key store is unavailable; try again shortly.") from None
+
+
+def _refusal(key) -> str:
+    """Why a disabled key, or a key of a disabled account, is refused: the operator's reason if any."""
+    if not key.account.is_enabled:
+        reason = key.account.disabled_reason
+        return "The account this API key belongs to is disabled" + (f": {reason}." if reason else ".")
+    if key.is_operator_disabled:
+        reason = key.disabled_reason
+        return (f"The API key msk-{key.prefix}… was disabled by the operator" + (f": {reason}" if reason else "")
+                + ". Only the operator can enable it again.")
+    return f"The API key msk-{key.prefix}… is disabled; enable it to use it again."

@@ -4,9 +4,10 @@ Every step gets a token budget (`max_num_batched_tokens`) and a sequence cap (`m
 Running sequences go first, oldest first: a decode costs one token, an unfinished prompt takes
 the next chunk that fits. Then waiting sequences are admitted, their cached prefix taken from the
 prefix cache and their prompt chunked to fit what is left of the budget: preempted sequences
-first, then, fairly between tenants (the API keys that asked), the oldest sequence of the tenant
-with the fewest running (of those, the one served longest ago): a tenant with a hundred requests
-queued cannot starve one with one.
+first, then, fairly between tenants, the oldest sequence of the tenant with the fewest running (of
+those, the one served longest ago): a tenant with a hundred requests queued cannot starve one with
+one. A tenant named "group/member" (an account and one of its keys) is fair first between groups,
+then between a group's members: an account cannot take more turns by spreading over many keys.
 When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
 """
@@ -36,6 +37,12 @@ def _scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
     return ScheduledSequence(seq, start, num_new_tokens, start + num_new_tokens == seq.num_tokens)
 
 
+def _group(tenant: str) -> str:
+    """The group of a tenant "group/member" (a tenant without "/" is alone in its group), named
+    "group/": groups and tenants share one table of counts."""
+    return tenant.partition("/")[0] + "/"
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  eos_token_ids: frozenset[int]):
@@ -49,7 +56,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start, for metrics
         self._num_admissions = 0
-        self._last_admission: dict[str, int] = {}  # tenant → the serial of its latest admission
+        self._last_admission: dict[str, int] = {}  # group or tenant → the serial of its latest admission
 
     @property
     def num_unfinished(self) -> int:
@@ -84,6 +91,7 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         num_running_by_tenant = Counter(seq.tenant for seq in self.running)
+        num_running_by_tenant.update(_group(seq.tenant) for seq in self.running)
         while budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_to_admit(num_running_by_tenant)
             if seq is None:
@@ -95,8 +103,9 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             num_running_by_tenant[seq.tenant] += 1
+            num_running_by_tenant[_group(seq.tenant)] += 1
             self._num_admissions += 1
-            self._last_admission[seq.tenant] = self._num_admissions
+            self._last_admission[seq.tenant] = self._last_admission[_group(seq.tenant)] = self._num_admissions
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
             seq.num_computed_tokens = num_cached
@@ -108,15 +117,17 @@ class Scheduler:
 
     def _next_to_admit(self, num_running_by_tenant: Counter) -> Sequence | None:
         """A preempted sequence (it was running: it goes back first), else the oldest waiting sequence
-        of the tenant with the fewest running; None if none can start (n > 1 siblings wait for their
-        leader's prompt)."""
+        of the group with the fewest running, and within it of the tenant with the fewest running;
+        None if none can start (n > 1 siblings wait for their leader's prompt)."""
         best, best_rank = None, None
         for seq in self.waiting:
             if not seq.can_start():
                 continue
             if seq.num_preemptions:
                 return seq
-            rank = (num_running_by_tenant[seq.tenant], self._last_admission.get(seq.tenant, 0))
+            group = _group(seq.tenant)
+            rank = (num_running_by_tenant[group], self._last_admission.get(group, 0),
+                    num_running_by_tenant[seq.tenant], self._last_admission.get(seq.tenant, 0))
             if best is None or rank < best_rank:  # strictly: a tenant's oldest sequence stands for it
                 best, best_rank = seq, rank
         if len(self._last_admission) > MAX_REMEMBERED_TENANTS:
@@ -125,6 +136,7 @@ class Scheduler:
 
     def _forget_idle_tenants(self) -> None:
         present = {seq.tenant for seq in self.waiting} | {seq.tenant for seq in self.running}
+        present |= {_group(tenant) for tenant in present}
         self._last_admission = {tenant: serial for tenant, serial in self._last_admission.items()
                                 if tenant in present}
 

@@ -39,13 +39,16 @@ _CHAT_DOC = {
 async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, body: ChatRequest,
                                  state: State) -> Response:
     """Answer a conversation: one JSON reply, or Server-Sent Events with `stream: true`. Both carry the
-    key's x-ratelimit-* headers; a key over its limits gets a 429."""
+    key's x-ratelimit-* headers; a key over its limits gets a 429, before any work on its request."""
     async with state.admit(key, body.model) as ticket:
         served = find_model(state.catalog, body.model)
-        # tokenizing and compiling a grammar take milliseconds to a tenth of a second: off the event loop
+        caps = state.output_caps(key)
+        caps.check_request(body)
+        # tokenizing and compiling a grammar take milliseconds to seconds: off the event loop
         generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), ticket)
-        headers = await ticket.reserve(len(generation.prompt_token_ids), generation.max_num_completion_tokens)
-        return await chat.reply(request, generation, headers)
+        generation = await chat.reserve(generation, caps)
+        await asyncio.to_thread(chat.validate, generation)
+        return await chat.reply(request, generation, ticket.headers)
 
 
 @router.get("/models", response_model=ModelList)
