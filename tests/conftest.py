@@ -18,6 +18,16 @@ def _own_data_home(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_client_host():
+    """The apps that tests build answer Starlette's TestClient, whose requests say `Host: testserver`, as
+    well as the loopback names (the default). Real server processes get no MISTRAL_SERVE_* variable
+    (tests/api/servers.py): they keep the default."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MISTRAL_SERVE_ALLOWED_HOSTS", "testserver,localhost,127.0.0.1,::1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_path():
     """The demo model's GGUF file. `make test` installs it; where it is missing the demo tests are

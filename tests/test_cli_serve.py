@@ -1,5 +1,6 @@
 """`mistral-serve serve` with a checkpoint it cannot load: one clear line and exit code 2, no traceback."""
 
+import logging
 import subprocess
 
 import pytest
@@ -43,3 +44,18 @@ def test_the_engine_takes_every_core_unless_told_otherwise(monkeypatch):
     assert builder.resolve_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert builder.resolve_threads(None) == 2
+
+
+def test_serve_warns_when_it_listens_everywhere_but_answers_loopback_names_only(caplog):
+    from mistral_serve.cli import may_warn_of_refused_hosts
+    from mistral_serve.settings import Settings
+
+    with caplog.at_level(logging.WARNING):
+        may_warn_of_refused_hosts(Settings(host="0.0.0.0", allowed_hosts=None))
+        [warning] = caplog.records
+        assert "--allowed-hosts" in warning.getMessage() and "0.0.0.0" in warning.getMessage()
+        caplog.clear()
+        for quiet in (Settings(host="127.0.0.1", allowed_hosts=None), Settings(host="192.0.2.10", allowed_hosts=None),
+                      Settings(host="::", allowed_hosts="api.example.com")):
+            may_warn_of_refused_hosts(quiet)
+        assert caplog.records == []

@@ -36,3 +36,22 @@ def test_a_bad_value_is_one_line_that_names_the_variable(monkeypatch):
 def test_settings_are_frozen():
     with pytest.raises(pydantic.ValidationError):
         Settings().port = 1
+
+
+def test_hosts_and_proxies_are_comma_separated_and_a_proxy_must_be_an_address(monkeypatch):
+    monkeypatch.delenv("MISTRAL_SERVE_ALLOWED_HOSTS", raising=False)
+    assert Settings().resolved_allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    assert Settings(host="0.0.0.0").resolved_allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    assert Settings(host="192.0.2.10").resolved_allowed_hosts == ("localhost", "127.0.0.1", "::1", "192.0.2.10")
+    assert Settings().forwarded_allow_ips == ()  # no proxy is believed unless named
+    monkeypatch.setenv("MISTRAL_SERVE_ALLOWED_HOSTS", "api.example.com, localhost")
+    monkeypatch.setenv("MISTRAL_SERVE_FORWARDED_ALLOW_IPS", "10.0.0.0/8,::1")
+    settings = Settings.load({"host": "0.0.0.0"})
+    assert settings.resolved_allowed_hosts == ("api.example.com", "localhost")
+    assert settings.forwarded_allow_ips == ("10.0.0.0/8", "::1")
+    assert Settings.load({"forwarded_allow_ips": "*"}).forwarded_allow_ips == ("*",)
+    with pytest.raises(ValueError, match="MISTRAL_SERVE_FORWARDED_ALLOW_IPS") as error:
+        Settings.load({"forwarded_allow_ips": "127.0.0.1,proxy.internal"})
+    assert "proxy.internal" in str(error.value)
+    with pytest.raises(ValueError, match="MISTRAL_SERVE_ALLOWED_HOSTS"):
+        Settings.load({"allowed_hosts": " , "})  # a server that answers no one is a typo

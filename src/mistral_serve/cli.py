@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
 from mistral_serve.cli_admin import add_admin_commands
 from mistral_serve.cli_settings import open_database, settings_from, storage_flags
 from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
+from mistral_serve.settings import ANY_ADDRESS, LOOPBACK_NAMES, Settings
+
+log = logging.getLogger(__name__)
 
 
 def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = False) -> None:
@@ -54,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--redis-url", help="redis://HOST:PORT/DB for rate-limit counters shared by several "
                                            "replicas (env MISTRAL_SERVE_REDIS_URL; default: in this process)")
+    reach = serve.add_argument_group("hosts and proxies")
+    reach.add_argument("--allowed-hosts", help="comma-separated names the server answers to in the Host header, or * "
+                                               "for any (env MISTRAL_SERVE_ALLOWED_HOSTS; default: localhost, "
+                                               "127.0.0.1, ::1 and the --host address); other hosts get 400")
+    reach.add_argument("--forwarded-allow-ips", help="comma-separated addresses or networks of proxies whose "
+                                                     "X-Forwarded-For and X-Forwarded-Proto are believed, or * "
+                                                     "(env MISTRAL_SERVE_FORWARDED_ALLOW_IPS; default: none)")
     limits = serve.add_argument_group("backpressure and faults")
     limits.add_argument("--max-queued-requests", type=int,
                         help="requests waiting to start, per model, before new ones get 503 (default 256)")
@@ -100,14 +111,25 @@ def run_serve(args: argparse.Namespace) -> int:
         engines[model_id] = load_async_engine(model_settings, num_threads)
         print(f"{model_id}: {engines[model_id].backend.describe()}", file=sys.stderr)
     app = create_app(settings, engines, db)
+    may_warn_of_refused_hosts(settings)
+    # uvicorn would believe X-Forwarded-* from 127.0.0.1 (or $FORWARDED_ALLOW_IPS) unless told: only the named proxies
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=ABORT_GRACE_S)
+                            timeout_graceful_shutdown=ABORT_GRACE_S, proxy_headers=bool(settings.forwarded_allow_ips),
+                            forwarded_allow_ips=list(settings.forwarded_allow_ips))
     try:
         GracefulServer(config, app.state.serving).run()
     finally:  # a forced exit skips the app's shutdown; the process ends only once its engine threads do
         for engine in engines.values():
             engine.shutdown()
     return 0
+
+
+def may_warn_of_refused_hosts(settings: Settings) -> None:
+    """Listening on every interface while answering loopback names only: say so before clients get 400."""
+    if settings.host in ANY_ADDRESS and set(settings.resolved_allowed_hosts) <= set(LOOPBACK_NAMES):
+        log.warning("listening on %s, but requests are answered only when their Host is one of %s: set "
+                    "--allowed-hosts (MISTRAL_SERVE_ALLOWED_HOSTS) to the names clients use",
+                    settings.host or "every interface", ", ".join(settings.resolved_allowed_hosts))
 
 
 def run_generate(args: argparse.Namespace) -> int:

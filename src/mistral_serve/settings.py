@@ -6,16 +6,29 @@ Settings is built, never when this module is imported.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
 
 DATABASE_FILE = "mistral-serve.db"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")  # listening on every interface: no one name to answer to
+
+
+def _comma_separated(value: Any) -> Any:
+    """A flag or variable writes a list as `a,b,c`."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+CommaSeparated = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated)]
 
 
 def default_data_dir() -> Path:
@@ -61,6 +74,28 @@ class Settings(BaseSettings):
     # a key checked this recently is served while the database is away
     database_outage_grace_s: float = Field(default=300.0, ge=0)
     max_usage_backlog_mb: int = Field(default=256, ge=1)  # usage rows waiting on disk for the database; past it: 503
+    # who may reach the server (README "Log-ins, hosts and proxies")
+    allowed_hosts: CommaSeparated | None = None  # Host header names answered; None: loopback names and `host`
+    forwarded_allow_ips: CommaSeparated = ()  # proxies whose X-Forwarded-For/-Proto are believed; "*": any
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _some_host(cls, hosts: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if hosts == ():
+            raise ValueError("name at least one host, or * for any")
+        return hosts
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses_or_networks(cls, ips: tuple[str, ...]) -> tuple[str, ...]:
+        # uvicorn would take a misspelt address as a name that never matches, and trust no one, silently
+        for ip in ips:
+            if ip != "*":
+                try:
+                    ipaddress.ip_network(ip, strict=False)
+                except ValueError:
+                    raise ValueError(f"{ip!r} is not an IP address or network (or *)") from None
+        return ips
 
     @property
     def resolved_database_url(self) -> str:
@@ -68,6 +103,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir.expanduser() / DATABASE_FILE).absolute()}"
+
+    @property
+    def resolved_allowed_hosts(self) -> tuple[str, ...]:
+        """The Host names answered: allowed_hosts, else the loopback names and `host` when it is one address."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return LOOPBACK_NAMES if self.host in ANY_ADDRESS + LOOPBACK_NAMES else (*LOOPBACK_NAMES, self.host)
 
     @property
     def usage_spool_dir(self) -> Path:
@@ -81,7 +123,8 @@ class Settings(BaseSettings):
         try:
             return cls(**{name: value for name, value in flags.items() if value is not None})
         except ValidationError as error:
-            raise ValueError("; ".join(f"{_setting(e['loc'])}: {e['msg']}" for e in error.errors())) from None
+            raise ValueError("; ".join(f"{_setting(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                       for e in error.errors())) from None
 
 
 def _setting(location: tuple) -> str:

@@ -17,7 +17,7 @@ import yaml
 
 from mistral_serve.api.app import create_app
 from mistral_serve.api.counters import InProcessCounters
-from mistral_serve.api.sessions import LoginThrottle
+from mistral_serve.api.login_throttle import LoginThrottle
 from mistral_serve.db import crud
 from mistral_serve.db.migrations import upgrade_to_head
 from mistral_serve.db.session import create_db_engine, create_session_factory
@@ -119,8 +119,9 @@ def client(app, api_key):
 
 @contextmanager
 def serving(app):
-    """`app` under a real uvicorn on a free loopback port, in a thread: yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    """`app` under a real uvicorn on a free loopback port, in a thread: yields its base URL. As `serve`
+    runs it by default, X-Forwarded-* headers are believed from no one."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

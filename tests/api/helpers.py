@@ -40,9 +40,12 @@ class Browser:
 
 
 def signed_up(base_url: str, email: str, password: str = PASSWORD) -> Browser:
+    """A browser logged in to a new account, as the dashboard gets there: sign up, then log in."""
     browser = Browser(base_url)
     response = browser.post("/signup", {"email": email, "password": password})
-    assert response.status_code == 201, response.text
+    assert response.status_code == 202, response.text
+    response = browser.post("/login", {"email": email, "password": password})
+    assert response.status_code == 200, response.text
     return browser
 
 

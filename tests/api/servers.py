@@ -109,6 +109,13 @@ def mistral_serve(work_dir: Path, *serve_args: str, hf_cache: Path | None = None
         log.close()
 
 
+def away_from_window_end(window_s: int, margin_s: float = 15) -> None:
+    """Fixed windows (per minute, per 15 minutes) are aligned to the clock: start well inside one."""
+    left = window_s - time.time() % window_s
+    if left < margin_s:
+        time.sleep(left + 0.5)
+
+
 def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

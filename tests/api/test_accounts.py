@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select, text
 
 from mistral_serve.api.counters import InProcessCounters
-from mistral_serve.api.sessions import LoginThrottle
+from mistral_serve.api.login_throttle import LoginThrottle
 from mistral_serve.db.models import Account, LoginSession, Usage
 from tests.api.conftest import bearer, chat
 from tests.api.helpers import PASSWORD, Browser, error_code, signed_up
@@ -38,16 +38,21 @@ def set_cookies(response: httpx.Response) -> dict[str, str]:
 
 # signing up, logging in and out
 
-def test_signup_logs_in_with_httponly_lax_cookies_secure_only_over_https(live_url, api_db):
+def test_login_sets_httponly_lax_session_cookies_and_a_strict_device_cookie(live_url, api_db):
     browser = Browser(live_url)
-    response = browser.post("/signup", {"email": "  Cookie@Example.COM ", "password": PASSWORD})
-    assert response.status_code == 201
-    assert response.json()["email"] == "cookie@example.com" and response.json()["created_at"]
-    cookies = set_cookies(response)
-    session, csrf = cookies["msv_session"].lower(), cookies["msv_csrf"].lower()
-    assert "httponly" in session and "httponly" not in csrf
-    for cookie in (session, csrf):
-        assert "samesite=lax" in cookie and "path=/" in cookie and "secure" not in cookie
+    assert browser.post("/signup", {"email": "  Cookie@Example.COM ", "password": PASSWORD}).status_code == 202
+    # a client's own X-Forwarded-Proto is no proxy's word: the cookies stay fit for plain HTTP
+    response = browser.post("/login", {"email": "cookie@example.com", "password": PASSWORD},
+                            headers={"X-Forwarded-Proto": "https"})
+    assert response.status_code == 200 and response.json()["email"] == "cookie@example.com"
+    cookies = {name: cookie.lower() for name, cookie in set_cookies(response).items()}
+    assert set(cookies) == {"msv_session", "msv_csrf", "msv_device"}
+    assert "httponly" in cookies["msv_session"] and "httponly" not in cookies["msv_csrf"]
+    for name in ("msv_session", "msv_csrf"):
+        assert "samesite=lax" in cookies[name] and "path=/;" in cookies[name] + ";"
+    assert "httponly" in cookies["msv_device"] and "samesite=strict" in cookies["msv_device"]
+    assert "path=/api/account" in cookies["msv_device"]
+    assert not any("secure" in cookie for cookie in cookies.values())
     assert browser.get("/me").json()["email"] == "cookie@example.com"
     # only the token's hash is stored
     token = browser.http.cookies["msv_session"]
@@ -55,22 +60,40 @@ def test_signup_logs_in_with_httponly_lax_cookies_secure_only_over_https(live_ur
         hashes = db.scalars(select(LoginSession.token_hash)).all()
     assert token not in hashes and len(hashes) >= 1
 
-    https = Browser(live_url).post("/signup", {"email": "tls@example.com", "password": PASSWORD},
-                                   headers={"X-Forwarded-Proto": "https"})
-    assert https.status_code == 201
-    assert all("secure" in cookie.lower() for cookie in set_cookies(https).values())
+
+def test_signup_answers_a_taken_email_as_a_new_one_and_leaves_its_account_alone(live_url):
+    owner = signed_up(live_url, "taken@example.com")
+    taken = Browser(live_url).post("/signup", {"email": "TAKEN@example.com ", "password": "the squatter's own"})
+    new = Browser(live_url).post("/signup", {"email": "fresh@example.com", "password": "the squatter's own"})
+    assert (taken.status_code, taken.json()) == (new.status_code, new.json()) == (202, new.json())
+    assert "set-cookie" not in taken.headers and "set-cookie" not in new.headers
+    assert owner.get("/me").status_code == 200
+    squatter = Browser(live_url).post("/login", {"email": "taken@example.com", "password": "the squatter's own"})
+    assert error_code(squatter) == "invalid_credentials"
+    assert logged_in(live_url, "taken@example.com")
+    assert logged_in(live_url, "fresh@example.com", "the squatter's own")
 
 
-def test_signup_refuses_taken_emails_weak_passwords_and_non_addresses(live_url):
-    signed_up(live_url, "taken@example.com")
-    again = Browser(live_url).post("/signup", {"email": "TAKEN@example.com ", "password": PASSWORD})
-    assert (again.status_code, error_code(again)) == (409, "email_taken")
+def test_signup_refuses_weak_passwords_and_non_addresses(live_url):
     for email, password, code in [("short@example.com", "1234567", "weak_password"),
                                   ("long@example.com", "x" * 1025, "weak_password"),
                                   ("not-an-address", PASSWORD, "invalid_email")]:
         response = Browser(live_url).post("/signup", {"email": email, "password": password})
         assert (response.status_code, error_code(response)) == (400, code)
-        assert "msv_session" not in response.headers.get("set-cookie", "")
+        assert "set-cookie" not in response.headers
+
+
+def test_sign_ups_are_braked_per_client_address(live_url, app):
+    now = [1000.0]
+    app.state.login_throttle = LoginThrottle(InProcessCounters(), clock=lambda: now[0])
+    answers = [Browser(live_url).post("/signup", {"email": f"many{n}@example.com", "password": PASSWORD})
+               for n in range(6)]
+    assert [answer.status_code for answer in answers] == [202] * 5 + [429]
+    assert error_code(answers[-1]) == "too_many_signups"
+    assert 0 < int(answers[-1].headers["retry-after"]) <= 60 * 60
+    assert Browser(live_url).post("/login", {"email": "many5@example.com", "password": PASSWORD}).status_code == 401
+    now[0] += 60 * 60
+    assert Browser(live_url).post("/signup", {"email": "many5@example.com", "password": PASSWORD}).status_code == 202
 
 
 def test_wrong_password_and_unknown_email_get_the_same_401(live_url):
@@ -101,26 +124,50 @@ def test_logout_ends_the_session_and_clears_both_cookies(live_url, api_db):
         assert db.scalars(select(LoginSession).where(LoginSession.account_id == account.id)).all() == []
 
 
-def test_failed_logins_are_braked_per_account_and_per_address(live_url, app):
-    now = [1000.0]
+def stranger_guesses(base_url: str, email: str) -> httpx.Response:
+    return Browser(base_url).post("/login", {"email": email, "password": "guess"})
+
+
+def test_failed_logins_are_braked_per_account_and_address_but_never_on_the_owners_browser(live_url, app):
+    now = [1000.0 * 3600]  # an hour's first second: every window starts here
     app.state.login_throttle = LoginThrottle(InProcessCounters(), clock=lambda: now[0])
-    signed_up(live_url, "guessed@example.com")
+    owner = signed_up(live_url, "guessed@example.com")  # this browser now holds a device cookie
+    assert owner.post("/logout").status_code == 204
     signed_up(live_url, "bystander@example.com")
     for _ in range(5):
-        assert Browser(live_url).post("/login", {"email": "guessed@example.com", "password": "guess"}).status_code == 401
-    # the right password too is refused now, with the time to wait
+        assert stranger_guesses(live_url, "guessed@example.com").status_code == 401
+    # from a new browser, the right password too waits, until the minute is over
     braked = Browser(live_url).post("/login", {"email": "guessed@example.com", "password": PASSWORD})
     assert (braked.status_code, error_code(braked)) == (429, "too_many_attempts")
-    assert 0 < int(braked.headers["retry-after"]) <= 15 * 60
-    assert logged_in(live_url, "bystander@example.com")  # another account, same address: not yet
-    now[0] += 15 * 60 + 1
+    assert int(braked.headers["retry-after"]) == 60
+    assert logged_in(live_url, "bystander@example.com")  # another account, same address
+    assert owner.post("/login", {"email": "guessed@example.com", "password": PASSWORD}).status_code == 200
+
+    # the next step: 5 more failures, and the wait is the rest of the quarter hour
+    now[0] += 61
+    for _ in range(5):
+        assert stranger_guesses(live_url, "guessed@example.com").status_code == 401
+    braked = Browser(live_url).post("/login", {"email": "guessed@example.com", "password": PASSWORD})
+    assert (braked.status_code, int(braked.headers["retry-after"])) == (429, 15 * 60 - 61)
+    now[0] += 15 * 60
     assert logged_in(live_url, "guessed@example.com")
 
-    # per address: 20 failures, whatever the emails, brake every account from there
-    for attempt in range(20):
+    # per address: 10 failures a minute, whatever the emails, brake every stranger's log-in from there
+    now[0] += 60 * 60
+    for attempt in range(10):
         Browser(live_url).post("/login", {"email": f"spray{attempt}@example.com", "password": "guess"})
     braked = Browser(live_url).post("/login", {"email": "bystander@example.com", "password": PASSWORD})
     assert braked.status_code == 429 and "retry-after" in braked.headers
+    assert owner.post("/login", {"email": "guessed@example.com", "password": PASSWORD}).status_code == 200
+
+
+def test_wrong_confirmations_are_braked_like_log_ins(live_url):
+    browser = signed_up(live_url, "confirm@example.com")
+    answers = [browser.delete("", {"password": "not my password"}) for _ in range(6)]
+    assert [answer.status_code for answer in answers] == [400] * 5 + [429]
+    refused = browser.post("/password", {"current_password": PASSWORD, "new_password": "new password 1"})
+    assert (refused.status_code, error_code(refused)) == (429, "too_many_attempts")
+    assert browser.get("/me").status_code == 200  # braked, not logged out
 
 
 def test_a_login_rehashes_a_password_hashed_with_older_parameters(live_url, api_db):

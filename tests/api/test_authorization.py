@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from mistral_serve.api.counters import InProcessCounters
-from mistral_serve.api.sessions import LoginThrottle
+from mistral_serve.api.login_throttle import LoginThrottle
 from mistral_serve.db import crud
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key
 from tests.api.helpers import PASSWORD, Browser, error_code, signed_up

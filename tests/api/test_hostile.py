@@ -18,7 +18,7 @@ from sqlalchemy import select
 from mistral_serve.api.app import create_app
 from mistral_serve.api.middleware import MAX_BODY_BYTES
 from mistral_serve.api.counters import InProcessCounters
-from mistral_serve.api.sessions import LoginThrottle
+from mistral_serve.api.login_throttle import LoginThrottle
 from mistral_serve.db.migrations import upgrade_to_head
 from mistral_serve.db.models import Usage
 from mistral_serve.db.session import create_db_engine, create_session_factory

@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from mistral_serve import __version__
 from mistral_serve.api import errors, middleware, openapi
 from mistral_serve.api.deps import ServingState
+from mistral_serve.api.device_cookies import DeviceCookies
 from mistral_serve.api.in_flight import InFlight
 from mistral_serve.api.counters import InProcessCounters, RedisCounters
 from mistral_serve.api.limits import RateLimiter
+from mistral_serve.api.login_throttle import LoginThrottle
 from mistral_serve.api.metrics import ServingMetrics
 from mistral_serve.api.routes import accounts, health, openai, web
 from mistral_serve.catalog import Catalog
@@ -62,8 +64,10 @@ def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sess
     app = FastAPI(title="mistral-serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions for Mistral-7B-Instruct.")
     app.state.serving = state
+    app.state.login_throttle = LoginThrottle(limiter.counters)  # the limiter's counters: shared with Redis
+    app.state.device_cookies = DeviceCookies.in_data_dir(settings.data_dir)
     errors.install(app)
-    middleware.install(app)  # body size limit, nosniff
+    middleware.install(app, settings.resolved_allowed_hosts)  # Host check, body size limit, nosniff
     openapi.install(app)  # every $ref of /openapi.json resolves
     app.include_router(health.router)
     app.include_router(accounts.router)

@@ -1,9 +1,10 @@
-"""What every request passes through before its route: a bound on the body's size, headers that
-tell a browser not to guess content types, and a last catch that turns an unexpected error into the
-500 envelope. Plain ASGI, so streams pass through untouched."""
+"""What every request passes through before its route: a check of the Host it was sent to, a bound
+on the body's size, headers that tell a browser not to guess content types, and a last catch that
+turns an unexpected error into the 500 envelope. Plain ASGI, so streams pass through untouched."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import json
 import logging
 
@@ -54,6 +55,40 @@ class BodySizeLimit:
                     raise BodyTooLarge(self.max_body_bytes)
             return message
         await self.app(scope, bounded_receive, send)
+
+
+class TrustedHosts:
+    """400 `host_not_allowed` for a request whose Host header names none of `allowed_hosts` ("*": any);
+    the port is ignored. A web page that rebinds its own DNS name to 127.0.0.1 can make a browser send
+    requests to a server on the loopback, but they carry the page's name as their Host: this is what
+    keeps such a page from driving the dashboard and the API of a developer's local server."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str]):
+        self.app = app
+        self.allowed_hosts = {_host_name(host) for host in allowed_hosts}
+        self.is_any_allowed = "*" in self.allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.is_any_allowed:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if _host_name(host) in self.allowed_hosts:
+            return await self.app(scope, receive, send)
+        error = APIError(400, f"This server does not answer to the host {host!r}. If that is its name, start it "
+                              f"with --allowed-hosts (or MISTRAL_SERVE_ALLOWED_HOSTS) naming it.",
+                         code="host_not_allowed")
+        await _send_json(send, error.status_code, error.body())
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header or a setting, without port or IPv6 brackets, in lower case:
+    "[::1]:8000" → "::1", "LocalHost.:80" → "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:  # name:port (an IPv6 address has more colons, and needs brackets with a port)
+        host = host.partition(":")[0]
+    return host.removesuffix(".")
 
 
 class NoSniff:
@@ -111,7 +146,8 @@ async def _send_json(send: Send, status: int, body: dict, *, keep_alive: bool = 
     await send({"type": "http.response.body", "body": content})
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, allowed_hosts: Iterable[str]) -> None:
     app.add_middleware(UnexpectedErrors)  # the innermost of these: errors from routes and their handlers
     app.add_middleware(BodySizeLimit)
-    app.add_middleware(NoSniff)  # the outermost: the 413 above gets it too
+    app.add_middleware(TrustedHosts, allowed_hosts=tuple(allowed_hosts))  # before anything reads the body
+    app.add_middleware(NoSniff)  # the outermost: the 413 and 400 above get it too

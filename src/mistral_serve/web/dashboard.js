@@ -79,7 +79,15 @@ export class Dashboard {
     const password = $("#auth-password").value;
     await this.guard(async () => {
       if (kind === "signup") await account("POST", "/signup", { email, password });
-      await account("POST", "/login", { email, password });
+      try {
+        await account("POST", "/login", { email, password });
+      } catch (error) {
+        // sign-up answers a taken email as a new one: only the log-in after it can tell
+        if (kind === "signup" && error.code === "invalid_credentials") {
+          error.message = "This email already has an account, with another password: log in with that one.";
+        }
+        throw error;
+      }
       $("#auth-password").value = "";
       await this.refreshMe();
       this.app.go("keys");

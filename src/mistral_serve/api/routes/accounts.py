@@ -1,7 +1,10 @@
 """The web dashboard's API under /api/account: sign up, log in and out, the account, its keys and usage.
 
 JSON in and out; errors in the OpenAI envelope. Authentication is the session cookie of
-`api/sessions.py`; every state-changing request but signup and login needs the CSRF header.
+`api/sessions.py`; every state-changing request but signup and login needs the CSRF header. Password
+attempts (log-ins and confirmations) and sign-ups are braked as `api/login_throttle.py` describes:
+counted before the password is checked, per device for a browser that logged in before, else per
+email and per client address; and sign-up answers alike whether an email has an account or not.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from mistral_serve.api.deps import DbSession, State
 from mistral_serve.api.errors import APIError, invalid_request
-from mistral_serve.api.sessions import (CSRF_COOKIE, SESSION_COOKIE, ChangingLogin, CurrentLogin, Login, Throttle,
-                                        clear_session_cookies, client_address, require_csrf, set_session_cookies,
-                                        start_session)
+from mistral_serve.api.login_throttle import Guard
+from mistral_serve.api.sessions import (CSRF_COOKIE, SESSION_COOKIE, ChangingLogin, CurrentLogin, Login,
+                                        clear_session_cookies, require_csrf, set_session_cookies, start_session)
 from mistral_serve.db import crud
 from mistral_serve.db.crud import KeyLimits, UsageTotal
 from mistral_serve.db.models import ApiKey
@@ -28,6 +31,7 @@ DEFAULT_USAGE_DAYS = 30
 # a bound on parsing only: security.MAX_PASSWORD_CHARS is the policy, answered as weak_password, not a parse error
 MAX_PASSWORD_FIELD_CHARS = 4096
 MAX_KEY_ID = 2**31 - 1  # an id past the column's range is no key (PostgreSQL would refuse the query)
+SIGNUP_ACCEPTED = "Now log in with this email and password. (An email that had an account keeps it, unchanged.)"
 
 
 # schemas: one per use, so that no hash can reach a response
@@ -75,6 +79,12 @@ class KeyUpdate(_Body):
 class AccountPublic(BaseModel):
     email: str
     created_at: datetime
+
+
+class SignupAccepted(BaseModel):
+    """The one answer to a valid sign-up, whether its email had an account already or not."""
+
+    message: str = SIGNUP_ACCEPTED
 
 
 class LoggedIn(BaseModel):
@@ -129,46 +139,55 @@ class UsageList(BaseModel):
 
 # signing up, logging in and out
 
-@router.post("/signup", status_code=201, response_model=AccountPublic)
-def signup(body: Credentials, request: Request, response: Response, db: DbSession) -> AccountPublic:
-    """Create an account and log it in. The email is stored trimmed and in lower case; the password has
-    8 to 1024 characters. 409 `email_taken`, 400 `invalid_email` or `weak_password`."""
+@router.post("/signup", status_code=202, response_model=SignupAccepted)
+def signup(body: Credentials, db: DbSession, guard: Guard) -> SignupAccepted:
+    """Open an account with this email and password; then log in with them. The email is stored trimmed
+    and in lower case; the password has 8 to 1024 characters. 202, the same body and no cookie whether
+    the email is new or has an account already (which is left as it was), after the same work: sign-up
+    tells no one which emails have accounts. 400 `invalid_email` or `weak_password`; 429
+    `too_many_signups` (with Retry-After) past 5 sign-ups an hour from one client address."""
+    guard.charge_signup()
     try:
         email = crud.normalize_email(body.email)
     except ValueError:
         raise invalid_request("That is not an email address.", param="email", code="invalid_email") from None
     _check_new_password(body.password, "password")
+    return _open_account(db, email, body.password)
+
+
+def _open_account(db: DbSession, email: str, password: str) -> SignupAccepted:
+    """The account, unless the email has one; the answer does not say which (the password is hashed
+    either way, before the insert is tried)."""
     try:
-        account = crud.create_account(db, email, body.password)
+        crud.create_account(db, email, password)
     except crud.AlreadyExists:
-        raise APIError(409, "An account with this email exists already.", type="invalid_request_error",
-                       param="email", code="email_taken") from None
-    start_session(request, response, db, account)
-    return AccountPublic(email=account.email, created_at=account.created_at)
+        pass
+    return SignupAccepted()
 
 
 @router.post("/login", response_model=LoggedIn)
-def login(body: Credentials, request: Request, response: Response, db: DbSession, throttle: Throttle) -> LoggedIn:
-    """Log in. 401 `invalid_credentials` for a wrong password and an unknown email alike; 429
-    `too_many_attempts` (with Retry-After) after 5 failures in a 15-minute window for the account, or 20
-    from the client's address (counted across replicas with Redis); 403 `account_disabled` for a
-    disabled account's right password."""
-    email, address = body.email.strip().lower(), client_address(request)
-    wait_s = throttle.retry_after(email, address)
-    if wait_s is not None:
-        raise APIError(429, f"Too many failed log-ins; try again in {wait_s} seconds.", code="too_many_attempts",
-                       headers={"Retry-After": str(wait_s)})
+def login(body: Credentials, request: Request, response: Response, db: DbSession, guard: Guard) -> LoggedIn:
+    """Log in, and mark this browser with a device cookie for the email. 401 `invalid_credentials` for a
+    wrong password and an unknown email alike; 403 `account_disabled` for a disabled account's right
+    password; 429 `too_many_attempts` (with Retry-After) while the brake holds.
+
+    The brake counts each attempt before its password is checked, atomically (on every replica alike
+    with Redis), and refunds a right one. From a browser with this email's device cookie: 5 wrong
+    passwords a minute, 10 a quarter hour, 20 an hour, for that browser alone, so strangers can never
+    lock the owner out of it. From anywhere else: the same budget for the email, and 10, 30, 100 for
+    the client's address."""
+    attempt = guard.charge_password(body.email.strip().lower())  # before the check: parallel guesses count too
     account = crud.get_account_by_email(db, body.email)
     check = verify_password(account.password_hash if account else None, body.password)  # same work if unknown
     if not check.is_valid:
-        throttle.record_failure(email, address)
         raise APIError(401, "Wrong email or password.", code="invalid_credentials")
-    throttle.record_success(email)
+    guard.refund(attempt)
     if check.needs_rehash:
         crud.set_password(db, account, body.password)
     if not account.is_enabled:
         raise APIError(403, "This account is disabled.", code="account_disabled")
     start_session(request, response, db, account)
+    guard.trust_device(response, account.email)
     return LoggedIn(email=account.email)
 
 
@@ -193,10 +212,10 @@ def me(login: CurrentLogin, request: Request, response: Response) -> AccountPubl
 
 
 @router.post("/password", status_code=204, response_class=Response)
-def change_password(body: PasswordChange, login: ChangingLogin, request: Request, db: DbSession,
-                    throttle: Throttle) -> None:
-    """Change the password; every other session of the account ends. 400 `wrong_password`."""
-    _confirm_password(login, body.current_password, "current_password", request, throttle)
+def change_password(body: PasswordChange, login: ChangingLogin, db: DbSession, guard: Guard) -> None:
+    """Change the password; every other session of the account ends. 400 `wrong_password`; 429
+    `too_many_attempts` as for log-ins."""
+    _confirm_password(login, body.current_password, "current_password", guard)
     _check_new_password(body.new_password, "new_password")
     crud.set_password(db, login.account, body.new_password)
     crud.delete_other_login_sessions(db, login.account, keep_token=login.token)
@@ -204,25 +223,22 @@ def change_password(body: PasswordChange, login: ChangingLogin, request: Request
 
 @router.delete("", status_code=204, response_class=Response)
 def delete_account(body: PasswordConfirmation, login: ChangingLogin, request: Request, response: Response,
-                   db: DbSession, throttle: Throttle, state: State) -> None:
+                   db: DbSession, guard: Guard, state: State) -> None:
     """Delete the account, its keys (refused from the next request on) and its sessions; its usage is
-    kept without the link. 400 `wrong_password`."""
-    _confirm_password(login, body.password, "password", request, throttle)
+    kept without the link. 400 `wrong_password`; 429 `too_many_attempts` as for log-ins."""
+    _confirm_password(login, body.password, "password", guard)
     account_id = login.account.id
     crud.delete_account(db, login.account)
     state.keys.forget(account_id=account_id)
     clear_session_cookies(request, response)
 
 
-def _confirm_password(login: Login, password: str, param: str, request: Request, throttle: Throttle) -> None:
-    email, address = login.account.email, client_address(request)
-    wait_s = throttle.retry_after(email, address)
-    if wait_s is not None:
-        raise APIError(429, f"Too many wrong passwords; try again in {wait_s} seconds.", code="too_many_attempts",
-                       headers={"Retry-After": str(wait_s)})
+def _confirm_password(login: Login, password: str, param: str, guard: Guard) -> None:
+    """Braked as a log-in is: a stolen session is no way around the log-in brake to guess the password."""
+    attempt = guard.charge_password(login.account.email)
     if not verify_password(login.account.password_hash, password).is_valid:
-        throttle.record_failure(email, address)
         raise invalid_request("The password is wrong.", param=param, code="wrong_password")
+    guard.refund(attempt)
 
 
 def _check_new_password(password: str, param: str) -> None:
