@@ -10,6 +10,7 @@ import time
 from mistral_serve.cli_admin import add_admin_commands
 from mistral_serve.cli_settings import open_database, settings_from, storage_flags
 from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
+from mistral_serve.settings import SIGNUP_MODES
 from mistral_serve.settings import ANY_ADDRESS, LOOPBACK_NAMES, Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     reach.add_argument("--forwarded-allow-ips", help="comma-separated addresses or networks of proxies whose "
                                                      "X-Forwarded-For and X-Forwarded-Proto are believed, or * "
                                                      "(env MISTRAL_SERVE_FORWARDED_ALLOW_IPS; default: none)")
+    reach.add_argument("--signup", choices=SIGNUP_MODES,
+                       help="who may open an account from the dashboard: nobody (closed: operators make accounts "
+                            "with `mistral-serve accounts create`), holders of an invitation code (invite: "
+                            "`mistral-serve invites create`), or anyone (open) (env MISTRAL_SERVE_SIGNUP; default: "
+                            "open when --host is a loopback address, else closed)")
     limits = serve.add_argument_group("backpressure and faults")
     limits.add_argument("--max-queued-requests", type=int,
                         help="requests waiting to start, per model, before new ones get 503 (default 256)")
@@ -74,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a request may wait to start before it gets 503 (default 120)")
     limits.add_argument("--max-concurrent-requests-per-key", type=int,
                         help="requests in flight per API key before new ones get 429 (default 32)")
+    limits.add_argument("--max-concurrent-requests-per-account", type=int,
+                        help="requests in flight per account, all its keys together, before new ones get 429 "
+                             "(default 32; a plan may set less)")
+    limits.add_argument("--max-generated-tokens-per-request", type=int,
+                        help="n × max_tokens of one request at most (default 131072)")
+    limits.add_argument("--max-logprobs-per-request", type=int,
+                        help="n × max_tokens × (1 + top_logprobs) of one request with logprobs at most (default 131072)")
     limits.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float,
                         help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     limits.add_argument("--database-outage-grace", dest="database_outage_grace_s", type=float,
@@ -112,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"{model_id}: {engines[model_id].backend.describe()}", file=sys.stderr)
     app = create_app(settings, engines, db)
     may_warn_of_refused_hosts(settings)
+    describe_signup(settings, db)
     # uvicorn would believe X-Forwarded-* from 127.0.0.1 (or $FORWARDED_ALLOW_IPS) unless told: only the named proxies
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=ABORT_GRACE_S, proxy_headers=bool(settings.forwarded_allow_ips),
@@ -130,6 +144,20 @@ def may_warn_of_refused_hosts(settings: Settings) -> None:
         log.warning("listening on %s, but requests are answered only when their Host is one of %s: set "
                     "--allowed-hosts (MISTRAL_SERVE_ALLOWED_HOSTS) to the names clients use",
                     settings.host or "every interface", ", ".join(settings.resolved_allowed_hosts))
+
+
+def describe_signup(settings: Settings, db) -> None:
+    """Say who may open an account; warn when anyone may, beyond this machine, with no plan to hold them."""
+    from mistral_serve.db import plans
+
+    mode = settings.signup_mode
+    print(f"sign-up: {mode}" + ("" if settings.signup else " (the default for this --host; --signup to choose)"),
+          file=sys.stderr)
+    with db() as session:
+        has_default_plan = plans.default_plan(session) is not None
+    if mode == "open" and settings.host not in LOOPBACK_NAMES and not has_default_plan:
+        log.warning("anyone who reaches this server may open an account, and new accounts have no plan to limit "
+                    "them: make one with `mistral-serve plans create NAME --default …`")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
-"""What every command shares: the storage flags, Settings from the parsed flags, and the database
-those settings name. Its own module, so that cli.py and cli_admin.py both import it and not each other."""
+"""What every command shares: the storage flags, Settings from the parsed flags, the database those
+settings name, and tables. Its own module, so that the cli modules import it and not each other."""
 
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 from pathlib import Path
 
 from mistral_serve.settings import Settings
@@ -28,3 +29,14 @@ def open_database(settings: Settings):
     url = settings.resolved_database_url
     upgrade_to_head(url)
     return create_session_factory(create_db_engine(url))
+
+
+def when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "never"
+
+
+def print_table(headers: tuple[str, ...], rows: list[tuple]) -> None:
+    cells = [headers, *[tuple(str(cell) for cell in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

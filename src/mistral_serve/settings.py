@@ -18,7 +18,8 @@ from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
 
 DATABASE_FILE = "mistral-serve.db"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-ANY_ADDRESS = ("0.0.0.0", "::", "")  # listening on every interface: no one name to answer to
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+SIGNUP_MODES = ("closed", "invite", "open")  # listening on every interface: no one name to answer to
 
 
 def _comma_separated(value: Any) -> Any:
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     # who may reach the server (README "Log-ins, hosts and proxies")
     allowed_hosts: CommaSeparated | None = None  # Host header names answered; None: loopback names and `host`
     forwarded_allow_ips: CommaSeparated = ()  # proxies whose X-Forwarded-For/-Proto are believed; "*": any
+    # who may open an account from the dashboard (README "Running it for other people");
+    # None: "open" while the server listens on loopback only, else "closed"
+    signup: Literal[SIGNUP_MODES] | None = None
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -112,6 +116,13 @@ class Settings(BaseSettings):
         return LOOPBACK_NAMES if self.host in ANY_ADDRESS + LOOPBACK_NAMES else (*LOOPBACK_NAMES, self.host)
 
     @property
+    def signup_mode(self) -> str:
+        """`signup`, else open on a loopback address (only this machine can reach it), else closed."""
+        if self.signup is not None:
+            return self.signup
+        return "open" if _is_loopback(self.host) else "closed"
+
+    @property
     def usage_spool_dir(self) -> Path:
         """Where usage rows wait on disk for the database (db/usage_spool.py)."""
         return self.data_dir.expanduser() / "usage-spool"
@@ -125,6 +136,15 @@ class Settings(BaseSettings):
         except ValidationError as error:
             raise ValueError("; ".join(f"{_setting(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                                        for e in error.errors())) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _setting(location: tuple) -> str:

@@ -30,6 +30,7 @@ export class Dashboard {
     $("#usage-until").value = isoDay(today);
     $("#usage-since").value = isoDay(new Date(today - 29 * DAY_MS));
     this.ready = hasSession() ? this.refreshMe() : Promise.resolve(this.showLoggedIn(null));
+    this.showSignupPolicy();
   }
 
   async refreshMe() {
@@ -78,7 +79,10 @@ export class Dashboard {
     const email = $("#auth-email").value.trim();
     const password = $("#auth-password").value;
     await this.guard(async () => {
-      if (kind === "signup") await account("POST", "/signup", { email, password });
+      if (kind === "signup") {
+        const invite = $("#auth-invite").value.trim();
+        await account("POST", "/signup", invite ? { email, password, invite_code: invite } : { email, password });
+      }
       try {
         await account("POST", "/login", { email, password });
       } catch (error) {
@@ -93,6 +97,17 @@ export class Dashboard {
       this.app.go("keys");
       notify(kind === "signup" ? "Welcome! Create a key to use the workbench." : "Logged in.", "info");
     });
+  }
+
+  // sign-up as the server allows it: by anyone, with an invitation code, or not at all
+  async showSignupPolicy() {
+    let mode = "open";
+    try {
+      mode = (await account("GET", "/signup")).mode;
+    } catch { /* an older server: the button stays, and the server answers for itself */ }
+    $("#auth-invite-field").hidden = mode !== "invite";
+    $("#signup").hidden = mode === "closed";
+    $("#signup-closed").hidden = mode !== "closed";
   }
 
   async logOut() {

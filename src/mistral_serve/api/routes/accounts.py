@@ -20,7 +20,7 @@ from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.login_throttle import Guard
 from mistral_serve.api.sessions import (CSRF_COOKIE, SESSION_COOKIE, ChangingLogin, CurrentLogin, Login,
                                         clear_session_cookies, require_csrf, set_session_cookies, start_session)
-from mistral_serve.db import crud
+from mistral_serve.db import crud, invites
 from mistral_serve.db.crud import KeyLimits, UsageTotal
 from mistral_serve.db.models import ApiKey
 from mistral_serve.security import check_new_password, generate_token, verify_password
@@ -43,6 +43,14 @@ class _Body(BaseModel):
 class Credentials(_Body):
     email: str = Field(max_length=320)
     password: str = Field(max_length=MAX_PASSWORD_FIELD_CHARS)
+
+
+class Signup(Credentials):
+    invite_code: str | None = Field(None, max_length=200)  # needed when the server takes invitations only
+
+
+class SignupPolicy(BaseModel):
+    mode: Literal["closed", "invite", "open"]
 
 
 class PasswordChange(_Body):
@@ -139,29 +147,49 @@ class UsageList(BaseModel):
 
 # signing up, logging in and out
 
+@router.get("/signup", response_model=SignupPolicy)
+def signup_policy(state: State) -> SignupPolicy:
+    """Who may sign up here: `closed` (operators make accounts), `invite` (with an invitation code) or `open`."""
+    return SignupPolicy(mode=state.settings.signup_mode)
+
+
 @router.post("/signup", status_code=202, response_model=SignupAccepted)
-def signup(body: Credentials, db: DbSession, guard: Guard) -> SignupAccepted:
+def signup(body: Signup, db: DbSession, guard: Guard, state: State) -> SignupAccepted:
     """Open an account with this email and password; then log in with them. The email is stored trimmed
     and in lower case; the password has 8 to 1024 characters. 202, the same body and no cookie whether
     the email is new or has an account already (which is left as it was), after the same work: sign-up
-    tells no one which emails have accounts. 400 `invalid_email` or `weak_password`; 429
-    `too_many_signups` (with Retry-After) past 5 sign-ups an hour from one client address."""
+    tells no one which emails have accounts. 403 `signup_closed` when the server's sign-up is closed,
+    `invite_required` or `invalid_invite` when it takes invitations only (`invite_code`); 400
+    `invalid_email` or `weak_password`; 429 `too_many_signups` (with Retry-After) past 5 sign-ups an
+    hour from one client address."""
+    mode = state.settings.signup_mode
+    if mode == "closed":
+        raise APIError(403, "Sign-up is closed on this server: ask its operator for an account.",
+                       code="signup_closed")
+    if mode == "invite" and not body.invite_code:
+        raise APIError(403, "This server takes sign-ups by invitation only: give the invite_code its operator sent "
+                            "you.", param="invite_code", code="invite_required")
     guard.charge_signup()
     try:
         email = crud.normalize_email(body.email)
     except ValueError:
         raise invalid_request("That is not an email address.", param="email", code="invalid_email") from None
     _check_new_password(body.password, "password")
-    return _open_account(db, email, body.password)
+    return _open_account(db, email, body.password, body.invite_code if mode == "invite" else None)
 
 
-def _open_account(db: DbSession, email: str, password: str) -> SignupAccepted:
+def _open_account(db: DbSession, email: str, password: str, invite_code: str | None) -> SignupAccepted:
     """The account, unless the email has one; the answer does not say which (the password is hashed
-    either way, before the insert is tried)."""
+    either way, before the insert is tried). With an invitation, a taken email leaves the code unused."""
     try:
-        crud.create_account(db, email, password)
+        if invite_code is None:
+            crud.create_account(db, email, password, is_self_registered=True)
+        else:
+            invites.sign_up_with_invite(db, invite_code, email, password)
     except crud.AlreadyExists:
         pass
+    except invites.InviteRefused as refusal:
+        raise APIError(403, str(refusal), param="invite_code", code="invalid_invite") from None
     return SignupAccepted()
 
 
