@@ -153,6 +153,39 @@ def test_the_tighter_of_the_owners_limit_and_the_operators_ceiling_applies():
     assert run(limiter.admit(key)).headers["x-ratelimit-limit-requests"] == "2"
 
 
+def test_a_budget_is_reserved_by_requests_in_flight_and_released_once_their_rows_count(api_db):
+    """Two requests at once cannot both spend what is left of a budget; the first's reservation is
+    lowered to what it used when it ends, and dropped once its usage row would be counted."""
+    with api_db() as session:
+        account = crud.create_account(session, "reserved@example.com", password=None)
+        key_row, _ = crud.create_api_key(session, account, "k", KeyLimits(token_budget=100, budget_period="day"))
+        key = ActiveKey(key_row.id, account.id, "k", key_row.prefix, KeyLimits(token_budget=100, budget_period="day"))
+    clock = FakeClock()
+    limiter = RateLimiter(InProcessCounters(clock), api_db, clock, reservation_hold_s=0.2)
+
+    async def scenario():
+        first, _ = await admit(limiter, key, 10, 50)  # reserves 60 of the 100
+        with pytest.raises(APIError) as held:
+            await admit(limiter, key, 10, 50)  # 60 more do not fit the 40 left
+        lowered_admission, lowered = await admit(limiter, key, 10, None, default_max_tokens=1000)
+        limiter.settle(first, 20)  # it used 20: 40 back now
+        await limiter.drain()
+        settled_admission, after_settle = await admit(limiter, key, 10, None, default_max_tokens=1000)
+        limiter.settle(lowered_admission, 0)  # both end, using nothing
+        limiter.settle(settled_admission, 0)
+        await limiter.drain()
+        await asyncio.sleep(0.5)  # the hold is over: the first's 20 are its usage row's to count now
+        _, after_hold = await admit(limiter, key, 10, None, default_max_tokens=1000)
+        await limiter.close()
+        return held.value, lowered, after_settle, after_hold
+    held, lowered, after_settle, after_hold = run(scenario())
+    assert held.status_code == 429 and held.detail.code == "insufficient_quota"
+    assert held.headers["Retry-After"]  # it fits once the others end
+    assert lowered == 30  # 100 - 60 reserved - its own 10 prompt tokens
+    assert after_settle == 40 - 10  # 40 came back (reserved now: 20 + 40)
+    assert after_hold == 100 - 10  # all back: from now on the usage rows (none written here) count what was used
+
+
 def test_a_key_without_limits_gets_no_headers_and_no_counters():
     counters = InProcessCounters()
     admission, num_per_choice = run(admit(RateLimiter(counters), active_key(), 10, None, default_max_tokens=500))

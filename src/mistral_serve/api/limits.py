@@ -96,6 +96,7 @@ class Admission:
     headers: dict[str, str]
     budgets: list[Budget]
     token_limits: list[_Limit]  # tokens per minute, the key's and the account's
+    seen: dict[str, int] = field(default_factory=dict)  # the counters as `admit` saw them
     num_tokens_reserved: int = 0  # charged to every token limit and budget by `reserve`
     is_enforced: bool = True  # False: the counters were unavailable, nothing was charged
     _charged: list[_Limit] = field(default_factory=list)
@@ -104,11 +105,14 @@ class Admission:
 class RateLimiter:
     """Admits requests within their key's and account's limits (429 otherwise) and settles what they used."""
 
-    def __init__(self, counters: Counters, sessions: sessionmaker[Session] | None = None, clock: Clock = time.time):
+    def __init__(self, counters: Counters, sessions: sessionmaker[Session] | None = None, clock: Clock = time.time,
+                 reservation_hold_s: float = RESERVATION_HOLD_S):
         self.counters = counters
         self.sessions = sessions  # where usage rows are summed for budgets; None: budgets unchecked
         self.clock = clock
+        self.reservation_hold_s = reservation_hold_s
         self._corrections: set[asyncio.Task] = set()
+        self._held: dict[asyncio.Task, tuple[str, int, int]] = {}  # delayed corrections: counter, amount, ttl
 
     # step 1: before any work
 
@@ -144,6 +148,7 @@ class RateLimiter:
             admission.is_enforced = False
             return admission
         limits = request_limits + token_limits + budget_limits
+        admission.seen = {charge.name: value for charge, value in zip(charges, values)}
         reset_s = (window + 1) * WINDOW_S - now
         admission.headers = _headers(limits, values, reset_s)
         if not is_admitted:
@@ -167,13 +172,12 @@ class RateLimiter:
         fits = [(limit, limit.limit) for limit in admission.token_limits]
         fits += [(_Limit("budget", budget.scope, budget.counter, budget.num_left, budget), budget.num_left)
                  for budget in admission.budgets]
-        for limit, room in fits:
-            num_fitting = (room - num_prompt_tokens) // n
-            if num_fitting >= num_per_choice:
-                continue
-            if max_tokens is not None or num_fitting < 1:
+        for limit, capacity in fits:
+            if num_prompt_tokens + n * (max_tokens or 1) > capacity:  # whenever it came, it could not fit
                 raise _too_large(key, limit, num_prompt_tokens, n, max_tokens)
-            num_per_choice = num_fitting
+            if max_tokens is None:  # lowered to what was left at admission; the charge below decides
+                num_fitting = (capacity - admission.seen.get(limit.counter, 0) - num_prompt_tokens) // n
+                num_per_choice = max(1, min(num_per_choice, num_fitting))
         amount = num_prompt_tokens + n * num_per_choice
         limits = [limit for limit, _ in fits]
         charges = [Charge(limit.counter, amount, room) for limit, room in fits]
@@ -213,20 +217,31 @@ class RateLimiter:
             else:  # a budget: down to what was used now, to nothing once the usage row counts it
                 ttl_s = self._ttl([limit.budget], self.clock())
                 self._correct(limit.counter, difference, ttl_s)
-                self._correct(limit.counter, -num_tokens_used, ttl_s, delay_s=RESERVATION_HOLD_S)
+                self._correct(limit.counter, -num_tokens_used, ttl_s, delay_s=self.reservation_hold_s)
 
     async def drain(self) -> None:
-        """Wait for the corrections under way (delayed ones included)."""
+        """Wait for the corrections under way (not those held back for their usage rows)."""
         while self._corrections:
             await asyncio.wait(set(self._corrections))
 
     async def close(self) -> None:
+        """Apply every correction now, held ones included (a stopping server does not wait them out)."""
+        held = list(self._held.items())
+        self._held.clear()
+        for task, (name, amount, ttl_s) in held:
+            task.cancel()
+            await self._add(name, amount, ttl_s, 0.0)
         await self.drain()
         await self.counters.close()
 
     def _correct(self, name: str, amount: int, ttl_s: int, delay_s: float = 0.0) -> None:
-        if amount:
-            task = asyncio.get_running_loop().create_task(self._add(name, amount, ttl_s, delay_s))
+        if not amount:
+            return
+        task = asyncio.get_running_loop().create_task(self._add(name, amount, ttl_s, delay_s))
+        if delay_s:
+            self._held[task] = (name, amount, ttl_s)
+            task.add_done_callback(lambda done: self._held.pop(done, None))
+        else:
             self._corrections.add(task)
             task.add_done_callback(self._corrections.discard)
 
