@@ -40,6 +40,7 @@ ROUTES = {
     ("GET", "/api/ai/models/{model_id:path}"): PUBLIC,
     ("POST", "/v1/chat/completions"): KEY,
     ("POST", "/api/ai/chat/completions"): KEY,
+    ("GET", "/api/account/signup"): PUBLIC,
     ("POST", "/api/account/signup"): OPEN,
     ("POST", "/api/account/login"): OPEN,
     ("POST", "/api/account/logout"): OPEN,

@@ -157,9 +157,10 @@ def test_a_storm_of_clients_leaving_mid_stream_frees_everything_at_once(demo_ser
 
 @pytest.mark.demo
 def test_sigterm_during_16_streams_lets_them_end_exits_0_and_keeps_every_usage_row(tmp_path, demo_path):
-    short = demo_chat(max_tokens=30, ignore_eos=True)  # done well within the shutdown timeout
+    # done well within the shutdown timeout, even on a loaded 2-core machine (16 streams share it)
+    short = demo_chat(max_tokens=10, ignore_eos=True)
     endless = demo_chat(max_tokens=4000, ignore_eos=True)  # still running when it ends
-    with mistral_serve(tmp_path, *DEMO_ARGS, "--shutdown-timeout", "20") as server:
+    with mistral_serve(tmp_path, *DEMO_ARGS, "--shutdown-timeout", "30") as server:
         async def scenario():
             async with httpx.AsyncClient(timeout=120) as client:
                 num_streaming = [0]
@@ -182,7 +183,7 @@ def test_sigterm_during_16_streams_lets_them_end_exits_0_and_keeps_every_usage_r
     assert exit_code == 0
     assert ready.status_code == 503 and refused.status_code == 503 and refused.headers["retry-after"]
     for outcome in outcomes[:8]:
-        assert outcome.is_complete and outcome.usage["completion_tokens"] == 30, outcome
+        assert outcome.is_complete and outcome.usage["completion_tokens"] == 10, outcome
     for outcome in outcomes[8:]:  # cut at the timeout: a final error event, then [DONE]
         assert outcome.error is not None and outcome.error["type"] and outcome.saw_done, outcome
         assert outcome.finish_reason is None and outcome.num_content_chunks > 0
