@@ -1,5 +1,5 @@
-"""What several API test modules share: the dashboard's browser, a slow engine, the bodies that fail
-validation, and a clock the rate limiter can be given."""
+"""What several API test modules share: the dashboard's browser (an operator's too), a slow engine, the
+bodies that fail validation, and a clock the rate limiter can be given."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 import httpx
 
+from mistral_serve.db import crud
 from mistral_serve.engine.engine import LLMEngine
 from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, chat
 
@@ -15,16 +16,22 @@ PASSWORD = "correct horse battery"
 
 class Browser:
     """One browser: its own cookie jar, and the CSRF header on every state-changing request, as the
-    dashboard's pages send it (`csrf=False` leaves it out)."""
+    dashboard's pages send it (`csrf=False` leaves it out). Paths are under `prefix`."""
 
-    def __init__(self, base_url: str):
-        self.http = httpx.Client(base_url=base_url, timeout=30)
+    def __init__(self, base_url: str, prefix: str = "/api/account", http: httpx.Client | None = None):
+        self.http = http or httpx.Client(base_url=base_url, timeout=30)
+        self.prefix = prefix
+
+    @property
+    def admin(self) -> Browser:
+        """The same browser, its paths under /api/admin: the operator's API."""
+        return Browser(str(self.http.base_url), "/api/admin", self.http)
 
     def request(self, method: str, path: str, *, csrf: bool = True, **kwargs) -> httpx.Response:
         headers = kwargs.pop("headers", {})
         if csrf and method != "GET" and "msv_csrf" in self.http.cookies:
             headers = {"X-CSRF-Token": self.http.cookies["msv_csrf"], **headers}
-        return self.http.request(method, "/api/account" + path, headers=headers, **kwargs)
+        return self.http.request(method, self.prefix + path, headers=headers, **kwargs)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return self.request("GET", path, **kwargs)
@@ -45,6 +52,16 @@ def signed_up(base_url: str, email: str, password: str = PASSWORD) -> Browser:
     response = browser.post("/signup", {"email": email, "password": password})
     assert response.status_code == 202, response.text
     response = browser.post("/login", {"email": email, "password": password})
+    assert response.status_code == 200, response.text
+    return browser
+
+
+def operator(base_url: str, db, email: str) -> Browser:
+    """A browser logged in to a new operator's account (operators are made from the command line)."""
+    with db() as session:
+        crud.create_account(session, email, PASSWORD, is_admin=True)
+    browser = Browser(base_url)
+    response = browser.post("/login", {"email": email, "password": PASSWORD})
     assert response.status_code == 200, response.text
     return browser
 

@@ -8,6 +8,8 @@ here (and so checked) the day it is added.
 - OPEN: signing up, logging in and out need no session (logging out needs the CSRF header).
 - PUBLIC: no credential at all, and no account's data in them: health, readiness and metrics, the
   model catalog, the OpenAPI document and its pages, the web pages and their static files.
+- OPERATOR: an operator's session (and the CSRF header for a change); tests/api/test_admin.py tries
+  every one of them without a session, with another account's, and without the header.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mistral_serve.db import crud
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key
 from tests.api.helpers import PASSWORD, Browser, error_code, signed_up
 
-PUBLIC, KEY, SESSION, CHANGE, OPEN = "public", "key", "session", "change", "open"
+PUBLIC, KEY, SESSION, CHANGE, OPEN, OPERATOR = "public", "key", "session", "change", "open", "operator"
 
 ROUTES = {
     ("GET", "/health"): PUBLIC,
@@ -52,6 +54,16 @@ ROUTES = {
     ("POST", "/api/account/keys"): CHANGE,
     ("PATCH", "/api/account/keys/{key_id}"): CHANGE,
     ("DELETE", "/api/account/keys/{key_id}"): CHANGE,
+    ("GET", "/api/admin/accounts"): OPERATOR,
+    ("PATCH", "/api/admin/accounts/{account_id}"): OPERATOR,
+    ("GET", "/api/admin/accounts/{account_id}/keys"): OPERATOR,
+    ("PATCH", "/api/admin/keys/{key_id}"): OPERATOR,
+    ("GET", "/api/admin/plans"): OPERATOR,
+    ("POST", "/api/admin/plans"): OPERATOR,
+    ("PATCH", "/api/admin/plans/{name:path}"): OPERATOR,
+    ("DELETE", "/api/admin/plans/{name:path}"): OPERATOR,
+    ("GET", "/api/admin/invites"): OPERATOR,
+    ("POST", "/api/admin/invites"): OPERATOR,
 }
 BODIES = {  # a body each route would accept from its rightful caller
     ("POST", "/v1/chat/completions"): chat(max_tokens=1),

@@ -36,6 +36,19 @@ def test_totals_per_key_model_and_day_cover_only_the_account_and_range(db, keys)
         crud.usage_totals(session, by=("hour",))
 
 
+def test_totals_per_account_sum_every_key_of_each_account_in_one_list(db, keys):
+    ann, ann_other, bob = keys
+    with db() as session:
+        crud.record_usage_batch(session, [record(ann, prompt=10, completion=5, when=DAY_1),
+                                          record(ann_other, prompt=1, completion=1, when=DAY_2),
+                                          record(bob, prompt=100, completion=50, status="error", when=DAY_2)])
+        everything = crud.usage_totals(session, by=("account",))
+        day_2 = crud.usage_totals(session, by=("account",), since=DAY_2)
+    assert [(t.account_id, t.num_requests, t.num_failed_requests, t.total_tokens, t.key_id) for t in everything] == [
+        (ann.account_id, 2, 0, 17, None), (bob.account_id, 1, 1, 150, None)]
+    assert [(t.account_id, t.total_tokens) for t in day_2] == [(ann.account_id, 2), (bob.account_id, 150)]
+
+
 def test_a_budget_counts_the_keys_tokens_since_the_period_start(db, keys):
     ann, ann_other, _ = keys
     with db() as session:

@@ -19,7 +19,7 @@ from mistral_serve.api.counters import InProcessCounters, RedisCounters
 from mistral_serve.api.limits import RateLimiter
 from mistral_serve.api.login_throttle import LoginThrottle
 from mistral_serve.api.metrics import ServingMetrics
-from mistral_serve.api.routes import accounts, health, openai, web
+from mistral_serve.api.routes import account_keys, accounts, admin, health, invites, openai, plans, web
 from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import KeyStore
 from mistral_serve.db.usage_spool import UsageSpool
@@ -71,6 +71,9 @@ def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sess
     openapi.install(app)  # every $ref of /openapi.json resolves
     app.include_router(health.router)
     app.include_router(accounts.router)
+    app.include_router(account_keys.router)
+    for operators in (admin, plans, invites):  # under /api/admin
+        app.include_router(operators.router)
     for prefix, style in API_STYLES.items():
         app.include_router(openai.router, prefix=prefix, tags=[style],
                            generate_unique_id_function=_operation_id(prefix))

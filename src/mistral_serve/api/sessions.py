@@ -5,6 +5,7 @@ The session cookie `msv_session` holds a random token; the database keeps only i
 `sessions`), valid 14 days from its last use. A state-changing request (POST, PATCH, DELETE) must
 also send the header `X-CSRF-Token` equal to the cookie `msv_csrf`, which a page on another site can
 neither read nor set; signup and login, made before there is a session, are the only exceptions.
+The operator's routes (/api/admin) take the same session, of an account that is an operator.
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ def current_login_with_csrf(login: CurrentLogin, request: Request) -> Login:
 
 
 ChangingLogin = Annotated[Login, Depends(current_login_with_csrf)]
+
+
+def operator_login(login: CurrentLogin) -> Login:
+    """An operator's read: 401 without a session, then 403 `not_an_operator` for any other account."""
+    if not login.account.is_admin:
+        raise APIError(403, "Only an operator may do this.", code="not_an_operator")
+    return login
+
+
+def operator_login_with_csrf(login: ChangingLogin) -> Login:
+    """An operator's change: 401 without a session, 403 without the CSRF token, then 403 `not_an_operator`."""
+    return operator_login(login)
+
+
+OperatorLogin = Annotated[Login, Depends(operator_login)]
+OperatorChange = Annotated[Login, Depends(operator_login_with_csrf)]
 
 
 def client_address(request: Request) -> str:

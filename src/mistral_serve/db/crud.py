@@ -405,13 +405,14 @@ def count_account_tokens(session: Session, account_id: int, since: datetime) -> 
                           .where(Usage.account_id == account_id, Usage.created_at >= since))
 
 
-USAGE_GROUPS = ("key", "model", "day")
+USAGE_GROUPS = ("account", "key", "model", "day")
 
 
 @dataclass(frozen=True)
 class UsageTotal:
     """The sums over one group of usage rows; a field the rows were not grouped by is None."""
 
+    account_id: int | None  # None too when the account was deleted
     key_id: int | None
     key_name: str | None  # None too when the key was deleted
     model: str | None
@@ -430,14 +431,15 @@ class UsageTotal:
 def usage_totals(session: Session, *, account_id: int | None = None, since: datetime | None = None,
                  until: datetime | None = None, by: Sequence[str] = ("key", "model")) -> list[UsageTotal]:
     """Totals of the usage rows of `account_id` (or of all) created in [since, until), grouped by any of
-    "key", "model" and "day" (UTC), ordered by those groups."""
+    "account", "key", "model" and "day" (UTC), ordered by those groups."""
     unknown = set(by) - set(USAGE_GROUPS)
     if unknown:
         raise ValueError(f"usage can be grouped by {', '.join(USAGE_GROUPS)}, not {', '.join(sorted(unknown))}")
+    account_columns = [Usage.account_id] if "account" in by else []
     key_columns = [Usage.key_id, ApiKey.name] if "key" in by else []
     model_columns = [Usage.model] if "model" in by else []
     day_columns = [_utc_day(session)] if "day" in by else []
-    columns = key_columns + model_columns + day_columns
+    columns = account_columns + key_columns + model_columns + day_columns
     is_failed = case((Usage.status == "ok", 0), else_=1)
     query = (select(*columns, func.count(), func.sum(is_failed), func.sum(Usage.prompt_tokens),
                     func.sum(Usage.cached_prompt_tokens), func.sum(Usage.completion_tokens))
@@ -453,11 +455,12 @@ def usage_totals(session: Session, *, account_id: int | None = None, since: date
     totals = []
     for row in session.execute(query):
         groups = iter(row[:len(columns)])
+        group_account_id = next(groups) if account_columns else None
         key_id, key_name = (next(groups), next(groups)) if key_columns else (None, None)
         model = next(groups) if model_columns else None
         day = _as_date(next(groups)) if day_columns else None
         sums = [int(value or 0) for value in row[len(columns):]]
-        totals.append(UsageTotal(key_id, key_name, model, day, *sums))
+        totals.append(UsageTotal(group_account_id, key_id, key_name, model, day, *sums))
     return totals
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 import json
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -149,6 +149,13 @@ def get_plan_by_id(session: Session, plan_id: int) -> Plan | None:
 
 def list_plans(session: Session) -> list[Plan]:
     return list(session.scalars(select(Plan).order_by(Plan.id)))
+
+
+def count_accounts_by_plan(session: Session) -> dict[int, int]:
+    """The number of accounts assigned each plan, in one query; a plan none is assigned is absent (the
+    default plan's count leaves out the accounts that have it by default)."""
+    return dict(session.execute(select(Account.plan_id, func.count()).where(Account.plan_id.is_not(None))
+                                .group_by(Account.plan_id)).all())
 
 
 def default_plan(session: Session) -> Plan | None:

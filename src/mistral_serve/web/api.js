@@ -14,7 +14,7 @@ async function errorOf(response) {
   let detail = {};
   try { detail = (await response.json()).error || {}; } catch { /* not JSON */ }
   const message = detail.message || `${response.status} ${response.statusText}`;
-  if (response.status === 401 && !response.url.includes("/api/account")) {
+  if (response.status === 401 && !/\/api\/(account|admin)\b/.test(response.url)) {
     return new ApiError(401, `The server refused the API key: ${message} Check the key above, or whether it ` +
                              "was disabled on the Keys page.", detail.code);
   }
@@ -85,7 +85,7 @@ function handleEvent(event, result, started, onDelta) {
   }
 }
 
-// --- the account API: a session cookie, and the CSRF token echoed in a header on every change ---
+// --- the account and operator APIs: a session cookie, and the CSRF token echoed in a header on every change ---
 
 function csrfToken() {
   const match = document.cookie.match(/(?:^|;\s*)msv_csrf=([^;]*)/);
@@ -96,11 +96,14 @@ export function hasSession() {
   return csrfToken() !== "";
 }
 
-export async function account(method, path, body) {
+export const account = (method, path, body) => sessionRequest("/api/account", method, path, body);
+export const admin = (method, path, body) => sessionRequest("/api/admin", method, path, body);
+
+async function sessionRequest(base, method, path, body) {
   const headers = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (method !== "GET") headers["X-CSRF-Token"] = csrfToken();
-  const response = await send(`/api/account${path}`, {
+  const response = await send(`${base}${path}`, {
     method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (!response.ok) throw await errorOf(response);

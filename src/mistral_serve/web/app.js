@@ -4,12 +4,13 @@ import { listModels } from "./api.js";
 import { $, clearNotice, copyText, h, notify } from "./dom.js";
 import { Compare } from "./compare.js";
 import { Dashboard } from "./dashboard.js";
+import { Operator } from "./operator.js";
 import { fitParams, parameterSpecs } from "./schema.js";
 import { snippet } from "./snippets.js";
 import { loadKey, loadState, saveKey, saveState, sharedState } from "./state.js";
 import { Workbench } from "./workbench.js";
 
-const PAGES = ["workbench", "compare", "api", "account", "keys", "usage"];
+const PAGES = ["workbench", "compare", "api", "account", "keys", "usage", "operator"];
 
 class App {
   constructor() {
@@ -26,6 +27,7 @@ class App {
     this.workbench = new Workbench(this);
     this.compare = new Compare(this);
     this.dashboard = new Dashboard(this);
+    this.operator = new Operator(this, this.dashboard);
     this.setUpApiTab();
     $("#model").addEventListener("change", (e) => {
       this.state.model = e.target.value;
@@ -109,6 +111,7 @@ class App {
     }
     if (page === "api") this.renderApiTab();
     this.dashboard.show(page);
+    this.operator.show(page);
   }
 
   // Shows `page` now (hashchange would come later), so a message shown next stays on it.

@@ -3,6 +3,7 @@
 import { account, hasSession } from "./api.js";
 import { $, copyText, formatDate, h, notify } from "./dom.js";
 import { drawUsageChart } from "./chart.js";
+import { describeKeyLimits, describePlanLimits } from "./limits.js";
 
 const DAY_MS = 86400000;
 const isoDay = (date) => date.toISOString().slice(0, 10);
@@ -44,12 +45,15 @@ export class Dashboard {
   showLoggedIn(me) {
     this.me = me;
     document.body.classList.toggle("logged-in", Boolean(me));
+    document.body.classList.toggle("is-admin", Boolean(me?.is_admin));
     $("#account-link").textContent = me ? "Account" : "Log in";
     $("#account-out").hidden = Boolean(me);
     $("#account-in").hidden = !me;
     if (me) {
       $("#account-email").textContent = me.email;
       $("#account-created").textContent = formatDate(me.created_at);
+      $("#account-plan").textContent = me.plan ? `${me.plan.name} (${describePlanLimits(me.plan.limits)})`
+        : "none: no limits";
     }
   }
 
@@ -158,12 +162,16 @@ export class Dashboard {
     if (!listed) return;
     const rows = listed.data.map((key) => this.keyRow(key));
     $("#keys-table tbody").replaceChildren(...(rows.length ? rows
-      : [h("tr", {}, h("td", { colSpan: 8, class: "empty" }, "No keys yet: create one above."))]));
+      : [h("tr", {}, h("td", { colSpan: 9, class: "empty" }, "No keys yet: create one above."))]));
   }
 
   keyRow(key) {
     const tokens = key.usage.prompt_tokens + key.usage.completion_tokens;
     const patch = (change) => this.guard(async () => { await account("PATCH", `/keys/${key.id}`, change); await this.loadKeys(); });
+    // a key the operator disabled can only be enabled by the operator: say why, offer no button
+    const toggle = key.is_operator_disabled ? null
+      : h("button", { type: "button", class: "toggle-key", onclick: () => patch({ is_enabled: !key.is_enabled }) },
+          key.is_enabled ? "Disable" : "Enable");
     return h("tr", { "data-key-id": key.id, class: key.is_enabled ? "" : "disabled" },
       h("td", { "data-label": "Name" }, key.name),
       h("td", { "data-label": "Key" }, h("code", {}, `${key.prefix}…`)),
@@ -171,11 +179,10 @@ export class Dashboard {
       h("td", { "data-label": "Last used" }, formatDate(key.last_used_at)),
       h("td", { "data-label": "Requests" }, String(key.usage.requests)),
       h("td", { "data-label": "Tokens" }, String(tokens)),
-      h("td", { "data-label": "State" }, h("span", { class: `badge ${key.is_enabled ? "on" : "off"}` },
-                                           key.is_enabled ? "enabled" : "disabled")),
+      h("td", { "data-label": "Limits", class: "limits" }, keyLimits(key)),
+      h("td", { "data-label": "State" }, keyState(key)),
       h("td", { class: "row-actions" },
-        h("button", { type: "button", class: "toggle-key", onclick: () => patch({ is_enabled: !key.is_enabled }) },
-          key.is_enabled ? "Disable" : "Enable"),
+        toggle,
         h("button", { type: "button", class: "rename-key", onclick: () => {
           const name = prompt("New name for this key", key.name);
           if (name && name.trim()) patch({ name: name.trim() });
@@ -198,6 +205,19 @@ export class Dashboard {
     usageTable($("#usage-by-key"), "Key", byKey.map((row) => ({ ...row, label: row.key_name ?? row.key_id })));
     usageTable($("#usage-by-model"), "Model", byModel.map((row) => ({ ...row, label: row.model })));
   }
+}
+
+function keyLimits(key) {
+  const own = describeKeyLimits(key.limits) || "none";
+  const ceiling = describeKeyLimits(key.ceiling);
+  return ceiling ? [h("div", {}, own), h("div", { class: "ceiling" }, `ceiling: ${ceiling}`)] : own;
+}
+
+function keyState(key) {
+  const badge = h("span", { class: `badge ${key.is_enabled ? "on" : "off"}` }, key.is_enabled ? "enabled" : "disabled");
+  if (!key.is_operator_disabled) return badge;
+  const why = `Disabled by the operator${key.disabled_reason ? `: ${key.disabled_reason}` : ""}.`;
+  return [badge, h("div", { class: "operator-reason" }, why)];
 }
 
 // every day of the range, with zeros where nothing was used

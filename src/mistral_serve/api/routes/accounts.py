@@ -1,4 +1,5 @@
-"""The web dashboard's API under /api/account: sign up, log in and out, the account, its keys and usage.
+"""The web dashboard's API under /api/account: sign up, log in and out, the account and its usage (its
+keys: routes/account_keys.py).
 
 JSON in and out; errors in the OpenAI envelope. Authentication is the session cookie of
 `api/sessions.py`; every state-changing request but signup and login needs the CSRF header. Password
@@ -13,16 +14,16 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mistral_serve.api.deps import DbSession, State
 from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.login_throttle import Guard
+from mistral_serve.api.routes.plans import PlanLimitsBody, plan_limits_body
 from mistral_serve.api.sessions import (CSRF_COOKIE, SESSION_COOKIE, ChangingLogin, CurrentLogin, Login,
                                         clear_session_cookies, require_csrf, set_session_cookies, start_session)
-from mistral_serve.db import crud, invites
-from mistral_serve.db.crud import KeyLimits, UsageTotal
-from mistral_serve.db.models import ApiKey
+from mistral_serve.db import crud, invites, plans
+from mistral_serve.db.crud import UsageTotal
 from mistral_serve.security import check_new_password, generate_token, verify_password
 
 router = APIRouter(prefix="/api/account", tags=["account"])
@@ -30,7 +31,6 @@ router = APIRouter(prefix="/api/account", tags=["account"])
 DEFAULT_USAGE_DAYS = 30
 # a bound on parsing only: security.MAX_PASSWORD_CHARS is the policy, answered as weak_password, not a parse error
 MAX_PASSWORD_FIELD_CHARS = 4096
-MAX_KEY_ID = 2**31 - 1  # an id past the column's range is no key (PostgreSQL would refuse the query)
 SIGNUP_ACCEPTED = "Now log in with this email and password. (An email that had an account keeps it, unchanged.)"
 
 
@@ -62,31 +62,16 @@ class PasswordConfirmation(_Body):
     password: str = Field(max_length=MAX_PASSWORD_FIELD_CHARS)
 
 
-class Limits(_Body):
-    """A key's limits; null (or absent): unlimited. A token budget needs its period, and the reverse."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    token_budget: int | None = None
-    budget_period: Literal["day", "month"] | None = None
-
-
-class KeyCreate(_Body):
-    name: str = Field(max_length=1000)
-    limits: Limits | None = None
-
-
-class KeyUpdate(_Body):
-    """What is absent stays; `limits` replaces all four limits at once."""
-
-    name: str | None = Field(None, max_length=1000)
-    is_enabled: StrictBool | None = None
-    limits: Limits | None = None
+class AccountPlan(BaseModel):
+    name: str
+    limits: PlanLimitsBody
 
 
 class AccountPublic(BaseModel):
     email: str
     created_at: datetime
+    is_admin: bool  # an operator: the dashboard shows the operator's pages
+    plan: AccountPlan | None  # the plan that applies (its own, else the default); null: no limits
 
 
 class SignupAccepted(BaseModel):
@@ -97,34 +82,6 @@ class SignupAccepted(BaseModel):
 
 class LoggedIn(BaseModel):
     email: str
-
-
-class KeyUsage(BaseModel):
-    """All-time totals of the key's requests."""
-
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class KeyPublic(BaseModel):
-    id: int
-    name: str
-    prefix: str  # the first characters after "msk-": shown as "msk-<prefix>…"
-    created_at: datetime
-    last_used_at: datetime | None
-    is_enabled: bool
-    limits: Limits
-    usage: KeyUsage
-
-
-class KeyList(BaseModel):
-    data: list[KeyPublic]
-
-
-class KeyCreated(BaseModel):
-    key: KeyPublic
-    secret: str  # the raw key: in this response only, never again
 
 
 class UsageRow(BaseModel):
@@ -197,7 +154,7 @@ def _open_account(db: DbSession, email: str, password: str, invite_code: str | N
 def login(body: Credentials, request: Request, response: Response, db: DbSession, guard: Guard) -> LoggedIn:
     """Log in, and mark this browser with a device cookie for the email. 401 `invalid_credentials` for a
     wrong password and an unknown email alike; 403 `account_disabled` for a disabled account's right
-    password; 429 `too_many_attempts` (with Retry-After) while the brake holds.
+    password (with the operator's reason); 429 `too_many_attempts` (with Retry-After) while the brake holds.
 
     The brake counts each attempt before its password is checked, atomically (on every replica alike
     with Redis), and refunds a right one. From a browser with this email's device cookie: 5 wrong
@@ -213,7 +170,9 @@ def login(body: Credentials, request: Request, response: Response, db: DbSession
     if check.needs_rehash:
         crud.set_password(db, account, body.password)
     if not account.is_enabled:
-        raise APIError(403, "This account is disabled.", code="account_disabled")
+        reason = account.disabled_reason
+        raise APIError(403, "This account was disabled by the operator" + (f": {reason}." if reason else "."),
+                       code="account_disabled")
     start_session(request, response, db, account)
     guard.trust_device(response, account.email)
     return LoggedIn(email=account.email)
@@ -232,11 +191,15 @@ def logout(request: Request, response: Response, db: DbSession) -> None:
 # the account
 
 @router.get("/me", response_model=AccountPublic)
-def me(login: CurrentLogin, request: Request, response: Response) -> AccountPublic:
-    """The logged-in account; 401 `not_logged_in`. Renews the cookies' lifetime (and a lost CSRF cookie)."""
+def me(login: CurrentLogin, request: Request, response: Response, db: DbSession) -> AccountPublic:
+    """The logged-in account, whether it is an operator, and its plan; 401 `not_logged_in`. Renews the
+    cookies' lifetime (and a lost CSRF cookie)."""
     csrf_token = None if request.cookies.get(CSRF_COOKIE) else generate_token()
     set_session_cookies(request, response, login.token, csrf_token)
-    return AccountPublic(email=login.account.email, created_at=login.account.created_at)
+    plan = plans.account_plan(db, login.account)
+    return AccountPublic(email=login.account.email, created_at=login.account.created_at,
+                         is_admin=login.account.is_admin,
+                         plan=None if plan is None else AccountPlan(name=plan.name, limits=plan_limits_body(plan)))
 
 
 @router.post("/password", status_code=204, response_class=Response)
@@ -274,77 +237,6 @@ def _check_new_password(password: str, param: str) -> None:
         check_new_password(password)
     except ValueError as error:
         raise invalid_request(f"{str(error).capitalize()}.", param=param, code="weak_password") from None
-
-
-# keys
-
-@router.get("/keys", response_model=KeyList)
-def list_keys(login: CurrentLogin, db: DbSession) -> KeyList:
-    """The account's keys, oldest first, each with its all-time usage."""
-    usage = _usage_by_key(db, login)
-    return KeyList(data=[_key_public(key, usage.get(key.id)) for key in crud.list_keys(db, login.account)])
-
-
-@router.post("/keys", status_code=201, response_model=KeyCreated)
-def create_key(body: KeyCreate, login: ChangingLogin, db: DbSession) -> KeyCreated:
-    """A new enabled key. Its secret is in this response only: it is stored as a hash."""
-    limits = _key_limits(body.limits or Limits())
-    try:
-        key, secret = crud.create_api_key(db, login.account, body.name, limits)
-    except ValueError as error:
-        raise invalid_request(f"Invalid name: {error}.", param="name", code="invalid_value") from None
-    return KeyCreated(key=_key_public(key, None), secret=secret)
-
-
-@router.patch("/keys/{key_id}", response_model=KeyPublic)
-def update_key(key_id: str, body: KeyUpdate, login: ChangingLogin, db: DbSession, state: State) -> KeyPublic:
-    """Rename, enable or disable a key, or replace its limits. A disabled key is refused from its next request."""
-    key = _own_key(db, login, key_id)
-    limits = None if body.limits is None else _key_limits(body.limits)
-    try:
-        crud.update_key(db, key, name=body.name, is_enabled=body.is_enabled, limits=limits)
-    except ValueError as error:
-        raise invalid_request(f"Invalid name: {error}.", param="name", code="invalid_value") from None
-    state.keys.forget(key_id=key.id)  # other replicas see the change within a second
-    return _key_public(key, _usage_by_key(db, login).get(key.id))
-
-
-@router.delete("/keys/{key_id}", status_code=204, response_class=Response)
-def delete_key(key_id: str, login: ChangingLogin, db: DbSession, state: State) -> None:
-    """Delete a key: refused from its next request on; its usage is kept."""
-    key = _own_key(db, login, key_id)
-    numeric_id = key.id
-    crud.delete_key(db, key)
-    state.keys.forget(key_id=numeric_id)
-
-
-def _own_key(db: DbSession, login: Login, key_id: str) -> ApiKey:
-    """The account's key `key_id`: 404 for another account's key exactly as for an unknown one."""
-    key = None
-    if key_id.isascii() and key_id.isdigit() and 0 < int(key_id) <= MAX_KEY_ID:  # "³" is a digit, not a number
-        key = crud.get_account_key(db, login.account, int(key_id))
-    if key is None:
-        raise APIError(404, f"No key with the id {key_id!r}.", code="key_not_found")
-    return key
-
-
-def _key_limits(limits: Limits) -> KeyLimits:
-    try:
-        return KeyLimits(**limits.model_dump())
-    except ValueError as error:
-        raise invalid_request(f"Invalid limits: {error}.", param="limits", code="invalid_value") from None
-
-
-def _usage_by_key(db: DbSession, login: Login) -> dict[int, UsageTotal]:
-    return {total.key_id: total for total in crud.usage_totals(db, account_id=login.account.id, by=("key",))}
-
-
-def _key_public(key: ApiKey, usage: UsageTotal | None) -> KeyPublic:
-    return KeyPublic(
-        id=key.id, name=key.name, prefix=key.prefix, created_at=key.created_at, last_used_at=key.last_used_at,
-        is_enabled=key.is_enabled, limits=Limits(**KeyLimits.of(key).__dict__),
-        usage=KeyUsage(requests=usage.num_requests if usage else 0, prompt_tokens=usage.prompt_tokens if usage else 0,
-                       completion_tokens=usage.completion_tokens if usage else 0))
 
 
 # usage
