@@ -90,7 +90,7 @@ def test_the_accounts_list_shows_every_account_with_its_keys_plan_and_usage(live
     row = account_row(boss.admin, "user.list@example.com")
     assert {name: row[name] for name in ("is_admin", "is_enabled", "disabled_reason", "is_self_registered",
                                          "plan", "num_keys")} == {
-        "is_admin": False, "is_enabled": True, "disabled_reason": None, "is_self_registered": False, "plan": None,
+        "is_admin": False, "is_enabled": True, "disabled_reason": None, "is_self_registered": True, "plan": None,
         "num_keys": 2}
     assert row["usage"] == {"last_30_days": {"requests": 2, "tokens": recent_tokens},
                             "all_time": {"requests": 3, "tokens": recent_tokens + 150}}
