@@ -8,12 +8,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mistral_serve.api import chat
+from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST
 from mistral_serve.api.deps import ChatRequest, CurrentKey, Ready, State
 from mistral_serve.api.errors import APIError
 from mistral_serve.api.models import model_object
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList, ModelObject,
 )
+from mistral_serve.api.sse import ClientDisconnected
 from mistral_serve.catalog import Catalog, ServedModel
 
 router = APIRouter()
@@ -42,8 +44,12 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
     key's x-ratelimit-* headers; a key over its limits gets a 429."""
     async with state.admit(key, body.model) as ticket:
         served = find_model(state.catalog, body.model)
-        # tokenizing and compiling a grammar take milliseconds to a tenth of a second: off the event loop
+        # tokenizing takes milliseconds to a tenth of a second: off the event loop
         generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), ticket)
+        try:
+            await chat.compile_grammar(request, generation, state.compilations)  # in a worker process
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # gone while it compiled: the compiling stopped
         headers = await ticket.reserve(len(generation.prompt_token_ids), generation.max_num_completion_tokens)
         return await chat.reply(request, generation, headers)
 
