@@ -2,9 +2,10 @@
 
 Starts a real `mistral-serve serve` on the demo model, with keys of 1 + --attackers accounts
 (`mistral-serve keys create`). One account (the victim) sends a trivial request (a short prompt,
---max-tokens tokens, one at a time) --requests times alone, then again while every attacker, an
-account of its own, sends 200-property JSON schemas (response_format json_schema) in a loop — a new
-schema on every request unless --same-schema, so that each one has to be compiled. It reports the
+--max-tokens tokens, one at a time) --requests times alone, and as many times while every attacker,
+an account of its own, sends 200-property JSON schemas (response_format json_schema) in a loop — a
+new schema on every request unless --same-schema, so that each one has to be compiled. The two
+phases alternate in --blocks blocks, so that other load on the machine weighs on both. It reports the
 victim's median and p90 latency in both phases and their ratio, and how the attackers' requests
 ended (compiled and answered, or refused: 429 one compilation per account, 503 all compilers busy).
 
@@ -96,6 +97,7 @@ def compile_costs(num_properties: int) -> dict:
 class Tally:
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)  # (sent at, seconds, status)
 
     def count(self, status: str) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -111,23 +113,23 @@ async def ask(client: httpx.AsyncClient, body: dict, tally: Tally) -> None:
     except httpx.HTTPError as error:
         status = type(error).__name__
     tally.count(status)
+    tally.timeline.append((round(started, 3), round(time.perf_counter() - started, 3), status))
     if status == "200":
         tally.latencies_s.append(time.perf_counter() - started)
 
 
-async def victim_phase(client: httpx.AsyncClient, model: str, num_requests: int, max_tokens: int) -> Tally:
-    tally = Tally()
+async def victim_phase(client: httpx.AsyncClient, model: str, num_requests: int, max_tokens: int,
+                       tally: Tally) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": VICTIM_PROMPT}], "max_tokens": max_tokens,
             "temperature": 0}
     for _ in range(num_requests):
         await ask(client, body, tally)
-    return tally
 
 
-async def attacker(client: httpx.AsyncClient, model: str, index: int, args: argparse.Namespace, tally: Tally) -> None:
+async def attacker(client: httpx.AsyncClient, model: str, name: str, args: argparse.Namespace, tally: Tally) -> None:
     round_ = 0
     while True:
-        tag = f"a{index}" if args.same_schema else f"a{index}r{round_}"
+        tag = name if args.same_schema else f"{name}r{round_}"
         round_ += 1
         await ask(client, {"model": model, "messages": [{"role": "user", "content": ATTACK_PROMPT}],
                            "max_tokens": args.max_tokens, "response_format": {
@@ -137,34 +139,42 @@ async def attacker(client: httpx.AsyncClient, model: str, index: int, args: argp
 
 async def serving_phases(base_url: str, model: str, victim_key: str, attacker_keys: list[str],
                          args: argparse.Namespace) -> dict:
+    """Alone and under attack, in alternating blocks, so that whatever else loads the machine weighs
+    on both alike."""
     def client_of(key: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
 
     victim = client_of(victim_key)
     attackers = [client_of(key) for key in attacker_keys]
-    await victim_phase(victim, model, 3, args.max_tokens)  # warm-up
-    alone = await victim_phase(victim, model, args.requests, args.max_tokens)
-    attack = Tally()
-    attacks = [asyncio.create_task(attacker(client, model, i, args, attack)) for i, client in enumerate(attackers)]
-    await asyncio.sleep(args.attack_warmup)
-    attacked_at = time.perf_counter()
-    under_attack = await victim_phase(victim, model, args.requests, args.max_tokens)
-    attack_s = time.perf_counter() - attacked_at
-    for task in attacks:
-        task.cancel()
-    await asyncio.gather(*attacks, return_exceptions=True)
+    await victim_phase(victim, model, 3, args.max_tokens, Tally())  # warm-up
+    alone, under_attack, attack = Tally(), Tally(), Tally()
+    attack_s = 0.0
+    for block in range(args.blocks):
+        num_requests = args.requests // args.blocks
+        await victim_phase(victim, model, num_requests, args.max_tokens, alone)
+        started = time.perf_counter()
+        attacks = [asyncio.create_task(attacker(client, model, f"a{i}b{block}", args, attack))
+                   for i, client in enumerate(attackers)]
+        await asyncio.sleep(args.attack_warmup)
+        await victim_phase(victim, model, num_requests, args.max_tokens, under_attack)
+        for task in attacks:  # the attackers hang up: their compilations and generations stop
+            task.cancel()
+        await asyncio.gather(*attacks, return_exceptions=True)
+        attack_s += time.perf_counter() - started
+        # the aborted requests leave the engine, and the workers killed with them are replaced
+        await asyncio.sleep(args.settle)
     for client in [victim, *attackers]:
         await client.aclose()
     return {"alone": _latency(alone), "under_attack": _latency(under_attack),
-            "attackers": {"num_accounts": len(attacker_keys), "statuses": attack.statuses,
-                          "seconds": attack_s + args.attack_warmup}}
+            "attackers": {"num_accounts": len(attacker_keys), "statuses": attack.statuses, "seconds": attack_s,
+                          "timeline": attack.timeline}}
 
 
 def _latency(tally: Tally) -> dict:
     values = tally.latencies_s
     return {"num_ok": len(values), "statuses": tally.statuses,
             "median_s": statistics.median(values) if values else None, "p90_s": percentile(values, 90),
-            "max_s": max(values, default=None)}
+            "max_s": max(values, default=None), "timeline": tally.timeline}
 
 
 def create_key(data_dir: Path, email: str) -> str:
@@ -218,9 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--same-schema", action="store_true",
                         help="each attacker repeats one schema (compiled once) instead of a new one per request")
     parser.add_argument("--requests", type=int, default=40, help="victim requests per phase (default 40)")
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="each phase in this many blocks, alone and under attack in turn (default 4)")
     parser.add_argument("--max-tokens", type=int, default=8, help="per request, victim and attackers (default 8)")
-    parser.add_argument("--attack-warmup", type=float, default=3.0,
-                        help="seconds of attack before the victim's phase starts (default 3)")
+    parser.add_argument("--attack-warmup", type=float, default=2.0,
+                        help="seconds of attack before each of the victim's blocks under attack (default 2)")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds after each block under attack before the next block alone (default 5): "
+                             "the attackers hang up, and the grammar workers killed with their compilations "
+                             "are replaced in the background")
     parser.add_argument("--threads", type=int, help="the server's engine threads (default: every core here)")
     parser.add_argument("--skip-compile-costs", action="store_true", help="do not measure compile costs here")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "heavy_schema.json", help="JSON report")
@@ -243,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         command = [str(MISTRAL_SERVE), "serve", "--model", "demo=demo", "--port", str(port),
                    "--data-dir", str(data_dir), "--threads", str(threads)]
         base_url = f"http://127.0.0.1:{port}/v1"
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         with running("mistral-serve", Launch(command, "demo", ready_path="/ready"), port, threads,
-                     work_dir / "server.log"):
+                     args.output.with_suffix(".server.log")):
             model = httpx.get(f"{base_url}/models", timeout=30).json()["data"][0]["id"]
             report.update(asyncio.run(serving_phases(base_url, model, victim_key, attacker_keys, args)))
     report["load_average_end"] = machine_load()

@@ -5,6 +5,7 @@ goes on. With Mistral's real v3 tokenizer: a large vocabulary is what makes a gr
 import asyncio
 import json
 from pathlib import Path
+import time
 
 import pytest
 import torch
@@ -28,6 +29,13 @@ def is_running(pid: int) -> bool:
     """The process exists and is not a zombie (a reaped process is gone from /proc)."""
     status = Path(f"/proc/{pid}/status")
     return status.exists() and "\nState:\tZ" not in status.read_text()
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
 
 
 def pool_of(tokenizer, **limits) -> GrammarWorkerPool:
@@ -103,7 +111,7 @@ def test_past_the_memory_limit_it_is_too_complex(v3):
         pool.close()
 
 
-def test_cancelling_a_compilation_kills_its_worker_at_once(pool):
+def test_cancelling_a_compilation_kills_its_worker(pool):
     async def scenario():
         compiling = asyncio.ensure_future(pool.compile(SLOW))
         while pool.num_compiling == 0:
@@ -116,8 +124,26 @@ def test_cancelling_a_compilation_kills_its_worker_at_once(pool):
         return pids
 
     pids = asyncio.run(scenario())
-    assert [pid for pid in pids if not is_running(pid)] != []  # killed and reaped, not left to finish
-    assert pool.num_compiling == 0
+    # killed, not left to finish its tens of seconds of compiling
+    assert wait_until(lambda: any(not is_running(pid) for pid in pids), timeout_s=10)
+    assert wait_until(lambda: pool.num_compiling == 0, timeout_s=10)
+
+
+def test_a_compilation_cancelled_as_it_ends_never_kills_the_worker_another_one_gets(pool):
+    """A caller cancelled just after its compilation came back must leave that worker alone: by then it
+    may be compiling another caller's grammar."""
+    async def scenario():
+        for _ in range(20):
+            task = asyncio.ensure_future(pool.compile(GuidedDecoding.json_schema(PERSON)))
+            while not task.done() and pool.num_compiling == 0:
+                await asyncio.sleep(0)
+            while not task.done() and pool.num_compiling:
+                await asyncio.sleep(0)
+            task.cancel()  # at the moment the reply is being read back, or just after
+            await asyncio.gather(task, return_exceptions=True)
+            assert await pool.compile(GuidedDecoding.json_schema(PERSON)) is not None
+
+    asyncio.run(scenario())
 
 
 def test_a_compilation_waits_for_a_free_worker_only_so_long(v3):

@@ -120,7 +120,7 @@ class GrammarWorkerPool:
             workers, self._idle = list(self._live), []
             self._live.clear()
         for worker in workers:
-            worker.kill()
+            worker.stop()
 
     def open(self) -> None:
         """Compile again after `close` (a pool starts open); workers start as they are needed."""
@@ -140,6 +140,8 @@ class GrammarWorkerPool:
         try:
             reply, grammar_json = worker.compile(guided, self.timeout_s)
         except TimeoutError:
+            logger.warning("grammar worker %d killed: a %s compiled for longer than %g s", worker.process.pid,
+                           KIND_NAMES[guided.kind], self.timeout_s)
             self._retire(worker)
             raise self._too_complex(guided, f"took longer than {self.timeout_s:g} s, the limit "
                                             "(compile_timeout_s)") from None
@@ -154,8 +156,9 @@ class GrammarWorkerPool:
         finally:
             with self._lock:
                 self._num_compiling -= 1
-        if reply["status"] == "out_of_memory":
-            self._retire(worker)  # what it has left may be fragmented close to its cap
+        # from here a cancellation leaves the worker alone; one that came first has killed it
+        if job.detach() or reply["status"] == "out_of_memory":  # after one, its heap may be near its cap
+            self._retire(worker)
         else:
             self._give_back(worker)
         return reply, grammar_json
@@ -176,10 +179,10 @@ class GrammarWorkerPool:
                 self._idle.append(worker)
                 self._lock.notify_all()
                 return
-        worker.kill()
+        worker.stop()
 
     def _retire(self, worker: _Worker) -> None:
-        worker.kill()
+        worker.stop()
         with self._lock:
             self._live.discard(worker)
             is_closed = self._is_closed
@@ -215,7 +218,7 @@ class GrammarWorkerPool:
             self.num_workers_started += 1
             is_closed = self._is_closed
         if is_closed:
-            worker.kill()
+            worker.stop()
             raise GrammarCompilerBusyError("the grammar compiler is shut down")
         return worker
 
@@ -263,7 +266,7 @@ class _Worker:
             write_frame(process.stdin.fileno(), vocab)
             json.loads(read_frame(process.stdout.fileno(), time.monotonic() + WORKER_START_TIMEOUT_S))
         except BaseException:
-            worker.kill()
+            worker.stop()
             raise
         logger.info("grammar worker %d started", process.pid)
         return worker
@@ -276,7 +279,12 @@ class _Worker:
         return reply, grammar_json
 
     def kill(self) -> None:
-        """Kill the process and reap it; its pipes close, so a thread reading them gets EOF."""
+        """Kill the process, without waiting for it (from the event loop too): its pipes close, so the
+        thread reading them gets EOF, and stops it."""
+        self.process.kill()
+
+    def stop(self) -> None:
+        """Kill the process and reap it."""
         self.process.kill()
         try:
             self.process.wait(timeout=5)
@@ -299,6 +307,12 @@ class _Job:
                 return False
             self._worker = worker
             return True
+
+    def detach(self) -> bool:
+        """The job is done with its worker; True when it was cancelled before (and killed the worker)."""
+        with self._lock:
+            self._worker = None
+            return self.is_cancelled
 
     def cancel(self) -> None:
         with self._lock:
