@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST, GenerationEnd, RequestTicket
+from mistral_serve.api.compilations import Compilations
 from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.metrics import RequestTimer
 from mistral_serve.api.output_caps import OutputCaps
@@ -30,7 +31,8 @@ from mistral_serve.api.sse import ClientDisconnected, EventStreamResponse, until
 from mistral_serve.api.tools import ChoiceReader, ToolCalling, tool_calls_token_id
 from mistral_serve.catalog import ServedModel
 from mistral_serve.engine.client import (
-    CompletionDelta, EngineOverloadedError, EngineStoppedError, GuidedDecodingError, QueueTimeoutError,
+    CompletionDelta, EngineOverloadedError, EngineStoppedError, GrammarCompilerBusyError, GuidedDecodingError,
+    QueueTimeoutError,
 )
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.tokenizer import ChatTemplateError
@@ -96,15 +98,38 @@ async def reserve(generation: Generation, caps: OutputCaps) -> Generation:
 
 
 def validate(generation: Generation) -> None:
-    """The engine client's one validation of the request; it compiles the grammar, once per schema."""
+    """The engine client's one validation of the request, the bounds on its grammar included; the
+    grammar itself is compiled by `compile_grammar`, after."""
     request = generation.request
     try:
         generation.served.client.validate(generation.prompt_token_ids, generation.params)
     except GuidedDecodingError as error:
-        raise invalid_request(f"Invalid request: {error}", param=_guided_param(request)) from None
+        raise invalid_request(f"Invalid request: {error}", param=_guided_param(request), code=error.code) from None
     except ValueError as error:
         param = "logit_bias" if "token id" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None
+
+
+async def compile_grammar(request: Request, generation: Generation, compilations: Compilations) -> None:
+    """Have the engine client compile the request's grammar, if it has one the client has not compiled
+    yet: at most one compilation per account at a time (429), stopped if the client leaves
+    (ClientDisconnected). A grammar that cannot be honoured is a 400 naming its field."""
+    guided = generation.params.guided
+    client = generation.served.client
+    if guided is None:
+        return
+    try:
+        if client.is_grammar_compiled(guided):  # answers at once: no compiler taken
+            await client.prepare_grammar(guided)
+            return
+        with compilations.of_account(generation.ticket.key.account_id):
+            await until_disconnected(request, client.prepare_grammar(guided))
+    except GuidedDecodingError as error:
+        raise invalid_request(f"Invalid request: {error}", param=_guided_param(generation.request),
+                              code=error.code) from None
+    except GrammarCompilerBusyError as error:
+        raise APIError(503, f"The server is busy ({error}); try again shortly.", type="server_error",
+                       code="server_overloaded", headers={"Retry-After": OVERLOADED_RETRY_AFTER_S}) from None
 
 
 def _tool_calling(request: ChatCompletionRequest, served: ServedModel) -> ToolCalling | None:
@@ -210,7 +235,7 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
     except EngineStoppedError:
         progress.http_status = 503
         raise APIError(503, "The model is not running; try again shortly.", headers={"Retry-After": "5"}) from None
-    except (EngineOverloadedError, QueueTimeoutError) as error:
+    except (EngineOverloadedError, QueueTimeoutError, GrammarCompilerBusyError) as error:
         progress.http_status = 503
         raise APIError(503, f"The server is busy ({error}); try again shortly.", type="server_error",
                        code="server_overloaded", headers={"Retry-After": OVERLOADED_RETRY_AFTER_S}) from None

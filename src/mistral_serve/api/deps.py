@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from mistral_serve.api.admission import RETRY_AFTER_SECONDS, RequestTicket
+from mistral_serve.api.compilations import Compilations
 from mistral_serve.api.errors import APIError, from_validation_error
 from mistral_serve.api.in_flight import InFlight
 from mistral_serve.api.limits import RateLimiter
@@ -34,6 +35,7 @@ class ServingState:
     usage: UsageWriter
     in_flight: InFlight
     is_ready: bool = False  # the engines are running, and the server is not shutting down
+    compilations: Compilations = field(default_factory=Compilations)  # grammars being compiled, per account
 
     def output_caps(self, key: ActiveKey) -> OutputCaps:
         """How much one request of `key` may generate: its account's plan, and this server's bounds."""

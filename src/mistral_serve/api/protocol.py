@@ -11,7 +11,9 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from mistral_serve.api.tools import tool_calls_schema
-from mistral_serve.engine.params import MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, GuidedDecoding, SamplingParams
+from mistral_serve.engine.params import (
+    MAX_N, MAX_STOP_STRINGS, MAX_TOOLS, MAX_TOP_LOGPROBS, GuidedDecoding, SamplingParams,
+)
 
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit too
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
@@ -207,6 +209,8 @@ class ChatCompletionRequest(_Request):
     @field_validator("tools")
     @classmethod
     def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        if tools is not None and len(tools) > MAX_TOOLS:
+            raise ValueError(f"{len(tools)} tools were given; at most {MAX_TOOLS} are accepted (max_tools)")
         names = [tool.function.name for tool in tools or ()]
         if len(set(names)) < len(names):
             raise ValueError("each tool needs its own function name")

@@ -4,7 +4,12 @@ in-process EngineClient.
 Only the engine thread changes the LLMEngine. Callers hand it new requests and aborts through a
 locked inbox; it hands deltas back to each caller's event loop with `call_soon_threadsafe`, and
 publishes a snapshot of its stats after each step. Callers' threads only read what never changes
-(the tokenizer, the context limit) and validate requests (the grammar cache is thread-safe).
+(the tokenizer, the context limit), validate requests, and read and fill the grammar cache (it is
+thread-safe).
+
+The engine thread never compiles a grammar: grammars are compiled in worker processes
+(GrammarWorkerPool), awaited by the caller, and each request carries its compiled grammar into the
+inbox, so the cache may drop it at any time without the engine thread noticing.
 
 The loop runs on a thread of its own, or on a given one-thread executor: the server loads the
 model on that executor's thread and runs the loop there too, so that all of a model's CPU work
@@ -27,10 +32,13 @@ import uuid
 from mistral_serve.engine.builder import build_engine_on_its_thread
 from mistral_serve.engine.client import (
     CompletionDelta, EngineBackend, EngineClient, EngineOverloadedError, EngineStats, EngineStoppedError,
-    QueueTimeoutError,
+    GrammarTooComplexError, GuidedDecodingError, QueueTimeoutError,
 )
 from mistral_serve.engine.engine import LLMEngine
-from mistral_serve.engine.params import SamplingParams
+from mistral_serve.engine.grammar_bounds import check_grammar_bounds
+from mistral_serve.engine.grammar_worker_pool import GrammarWorkerPool
+from mistral_serve.engine.guided import CompiledGrammar
+from mistral_serve.engine.params import GuidedDecoding, SamplingParams
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import ChatTokenizer
 
@@ -54,7 +62,10 @@ def load_async_engine(settings: Settings, num_threads: int) -> AsyncEngine:
     """The engine of `settings.model`, loaded with `num_threads` CPU threads on a thread of its own
     that will also run its loop, and bounded by the settings' queue limits."""
     engine, engine_thread = build_engine_on_its_thread(settings, num_threads)
-    return AsyncEngine(engine, QueueLimits.from_settings(settings), runs_on=engine_thread)
+    grammar_workers = GrammarWorkerPool(engine.tokenizer, engine.grammars.vocab_size)
+    grammar_workers.warm_up()  # the first schema a client sends finds a worker ready
+    return AsyncEngine(engine, QueueLimits.from_settings(settings), runs_on=engine_thread,
+                       grammar_workers=grammar_workers)
 
 
 @dataclass
@@ -77,15 +88,18 @@ class _Stream:
 
 class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine, limits: QueueLimits = QueueLimits(), *,
-                 runs_on: ThreadPoolExecutor | None = None):
+                 runs_on: ThreadPoolExecutor | None = None, grammar_workers: GrammarWorkerPool | None = None):
         """`limits`: bounds on the requests waiting to start; `runs_on`: a one-thread executor to run
-        the loop on (the thread that loaded the model), None: a thread of its own."""
+        the loop on (the thread that loaded the model), None: a thread of its own; `grammar_workers`:
+        where grammars are compiled, None: a pool with the default limits, whose first worker starts
+        when the first grammar needs it."""
         self._engine = engine
         self._limits = limits  # fixed at construction
         self._executor = runs_on
+        self.grammar_workers = grammar_workers or GrammarWorkerPool(engine.tokenizer, engine.grammars.vocab_size)
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._new_requests: list[tuple[str, list[int], SamplingParams, str]] = []
+        self._new_requests: list[tuple[str, list[int], SamplingParams, str, CompiledGrammar | None]] = []
         self._queued: dict[str, _Queued] = {}  # submitted, not yet started: what the limits bound
         self._num_queued_prompt_tokens = 0
         self._aborts: list[str] = []
@@ -113,7 +127,33 @@ class AsyncEngine(EngineClient):
         return self._engine.backend  # fixed when the engine was built
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._engine.validate(prompt_token_ids, params)  # reads only the engine's fixed facts
+        self._engine.check(prompt_token_ids, params)  # reads only the engine's fixed facts; compiles nothing
+
+    def is_grammar_compiled(self, guided: GuidedDecoding) -> bool:
+        try:
+            return self._engine.grammars.get(guided) is not None
+        except GuidedDecodingError:  # known not to compile
+            return True
+
+    async def prepare_grammar(self, guided: GuidedDecoding) -> None:
+        await self._grammar(guided)
+
+    async def _grammar(self, guided: GuidedDecoding) -> CompiledGrammar:
+        """From the cache, else compiled in a worker and cached; a failure that will recur is cached too."""
+        grammars = self._engine.grammars
+        grammar = grammars.get(guided)  # GuidedDecodingError for a spec known not to compile
+        if grammar is not None:
+            return grammar
+        check_grammar_bounds(guided)  # the caller may not have validated it
+        try:
+            grammar = await self.grammar_workers.compile(guided)
+        except GrammarTooComplexError:
+            raise  # not remembered: a timeout depends on how busy the machine was
+        except GuidedDecodingError as error:
+            grammars.put_failure(guided, error)
+            raise
+        grammars.put(guided, grammar)
+        return grammar
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -121,6 +161,7 @@ class AsyncEngine(EngineClient):
     def start(self) -> None:
         if self._thread is None:
             self._is_stopping = False
+            self.grammar_workers.open()
             if self._executor is not None:
                 self._thread = self._executor.submit(self._loop)
             else:
@@ -136,6 +177,7 @@ class AsyncEngine(EngineClient):
         elif self._thread is not None:
             self._thread.join()
         self._thread = None
+        self.grammar_workers.close()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        tenant: str = "", *, is_validated: bool = False) -> AsyncIterator[CompletionDelta]:
@@ -147,6 +189,8 @@ class AsyncEngine(EngineClient):
             raise EngineStoppedError("the engine is not running")
         if not is_validated:
             self.validate(prompt_token_ids, params)  # bad input fails here, in the caller
+        # the request holds its grammar from here on: the cache may drop it before the request starts
+        grammar = None if params.guided is None else await self._grammar(params.guided)
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -156,7 +200,7 @@ class AsyncEngine(EngineClient):
             self._streams[request_id] = stream
             self._queued[request_id] = _Queued(time.monotonic(), len(prompt_token_ids))
             self._num_queued_prompt_tokens += len(prompt_token_ids)
-            self._new_requests.append((request_id, list(prompt_token_ids), params, tenant))
+            self._new_requests.append((request_id, list(prompt_token_ids), params, tenant, grammar))
         self._wake.set()
         is_finished = False
         try:
@@ -231,10 +275,11 @@ class AsyncEngine(EngineClient):
             new_requests, self._new_requests = self._new_requests, []
             aborts, self._aborts = self._aborts, []
             reason, self._abort_reason = self._abort_reason, None
-        for request_id, prompt_token_ids, params, tenant in new_requests:
+        for request_id, prompt_token_ids, params, tenant, grammar in new_requests:
             try:
-                # generate() validated it, in the caller's thread
-                self._engine.add_request(request_id, prompt_token_ids, params, tenant, is_validated=True)
+                # generate() validated it and brought its grammar, compiled: nothing is compiled here
+                self._engine.add_request(request_id, prompt_token_ids, params, tenant, is_validated=True,
+                                         grammar=grammar)
             except ValueError as error:
                 self._close(request_id, error)
             except Exception as error:  # a bug: this request fails, the loop and the others go on

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mistral_serve.engine.params import SamplingParams
+from mistral_serve.engine.params import GuidedDecoding, SamplingParams
 
 if TYPE_CHECKING:
     from mistral_serve.tokenizer import ChatTokenizer
@@ -32,6 +32,25 @@ class QueueTimeoutError(RuntimeError):
 
 class GuidedDecodingError(ValueError):
     """The request's grammar (a JSON schema, forced tool calls) cannot be honoured."""
+
+    code: str | None = None  # the API error's code
+
+
+class GrammarTooLargeError(GuidedDecodingError):
+    """The grammar's spec is past one of the bounds checked before any compiling (grammar_bounds.py);
+    the message names the bound."""
+
+    code = "grammar_too_large"
+
+
+class GrammarTooComplexError(GuidedDecodingError):
+    """Compiling the grammar went past the compiler's time or memory limit (grammar_bounds.py)."""
+
+    code = "grammar_too_complex"
+
+
+class GrammarCompilerBusyError(RuntimeError):
+    """Every grammar compiler stayed busy for longer than a request may wait for one: try again shortly."""
 
 
 @dataclass(frozen=True)
@@ -110,14 +129,27 @@ class EngineClient(ABC):
     @abstractmethod
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (GuidedDecodingError for the grammar) for a request this engine cannot run.
-        Compiles the request's grammar, if any, so that running it finds the grammar ready."""
+        Cheap: it checks the grammar's bounds but compiles nothing (see `prepare_grammar`)."""
+
+    def is_grammar_compiled(self, guided: GuidedDecoding) -> bool:
+        """`prepare_grammar(guided)` would answer at once: compiled already, or known not to compile.
+        An engine that compiles elsewhere (a remote one) has nothing to prepare."""
+        return True
+
+    async def prepare_grammar(self, guided: GuidedDecoding) -> None:
+        """Compile `guided` off the event loop and the engine thread, within the compiler's limits, so
+        that `generate` finds it compiled. GuidedDecodingError when it cannot be honoured
+        (GrammarTooComplexError past the limits), GrammarCompilerBusyError when no compiler frees up
+        in time. Cancelling it stops the compilation."""
 
     @abstractmethod
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                  tenant: str = "", *, is_validated: bool = False) -> AsyncIterator[CompletionDelta]:
         """The request's deltas until every choice has finished; closing the iterator aborts the request.
         `is_validated`: the caller has had `validate` accept these very prompt and params, so they are
-        not checked again. `tenant` names who asked, for fair scheduling between tenants."""
+        not checked again. `tenant` names who asked, for fair scheduling between tenants. A grammar
+        that is not compiled (never prepared, or dropped from the cache since) is compiled first, as
+        `prepare_grammar` does."""
 
     @abstractmethod
     def abort(self, request_id: str) -> None:

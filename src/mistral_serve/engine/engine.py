@@ -10,8 +10,10 @@ from dataclasses import dataclass, field, replace
 import logging
 
 from mistral_serve.engine.block_manager import BlockManager
-from mistral_serve.engine.client import CompletionDelta, EngineBackend, GuidedDecodingError, SampledLogprob
-from mistral_serve.engine.guided import GrammarCompilerCache
+from mistral_serve.engine.client import CompletionDelta, EngineBackend, SampledLogprob
+from mistral_serve.engine.grammar_bounds import MAX_GRAMMAR_CACHE_BYTES, check_grammar_bounds
+from mistral_serve.engine.grammar_cache import GrammarCompilerCache
+from mistral_serve.engine.guided import CompiledGrammar, GrammarMatcher, check_schema_support
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.engine.runner import ModelRunner, kv_cache_bytes_per_block
 from mistral_serve.engine.scheduler import ScheduledSequence, Scheduler
@@ -34,6 +36,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
     enable_prefix_caching: bool = True
     seed: int | None = None  # for requests without a seed
+    max_grammar_cache_bytes: int = MAX_GRAMMAR_CACHE_BYTES  # compiled grammars kept, by their own sizes
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -73,7 +76,8 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=eos)
         self.runner = ModelRunner(prepared, num_blocks=num_blocks, block_size=config.block_size,
                                   eos_token_ids=eos, seed=config.seed)
-        self.grammars = GrammarCompilerCache(tokenizer, model_config.vocab_size)
+        self.grammars = GrammarCompilerCache(tokenizer, model_config.vocab_size,
+                                             max_bytes=config.max_grammar_cache_bytes)
         self.backend = EngineBackend(device=str(prepared.device), dtype=str(prepared.dtype).removeprefix("torch."),
                                      kernels=prepared.kernels, kernel_path=prepared.kernel_path)
         self.requests: dict[str, _Request] = {}
@@ -81,7 +85,15 @@ class LLMEngine:
     # requests
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError, changing nothing, for a request this engine cannot run."""
+        """Raise ValueError, changing nothing, for a request this engine cannot run. Compiles the
+        request's grammar here, once per spec (a served engine compiles in its grammar workers, and
+        only `check`s here)."""
+        self.check(prompt_token_ids, params)
+        if params.guided is not None:
+            self.grammars.compile(params.guided)
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """`validate` without compiling: cheap, whatever the request."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         vocab_size = self.model.config.vocab_size
@@ -93,21 +105,22 @@ class LLMEngine:
         bad_ids = [t for t in [*params.logit_bias, *params.stop_token_ids] if t >= vocab_size]
         if bad_ids:
             raise ValueError(f"token id {bad_ids[0]} is out of the vocabulary (size {vocab_size})")
-        if params.guided is not None:
-            try:
-                self.grammars.compile(params.guided)  # once per spec; the engine thread finds it cached
-            except ValueError as error:
-                raise GuidedDecodingError(str(error)) from None
+        if params.guided is not None:  # GuidedDecodingError
+            check_grammar_bounds(params.guided)
+            check_schema_support(params.guided.schema)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    tenant: str = "", *, is_validated: bool = False) -> None:
+                    tenant: str = "", *, is_validated: bool = False, grammar: CompiledGrammar | None = None) -> None:
         """Queue a request. `tenant` names who asked: waiting requests are admitted fairly between
         tenants, so one that sends many cannot starve the others. `is_validated`: `validate` has
-        accepted this prompt and params already."""
+        accepted this prompt and params already. `grammar`: the request's compiled grammar, brought
+        along (a served engine's are compiled off this thread); None: compiled here if not cached."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         if not is_validated:
             self.validate(prompt_token_ids, params)
+        if params.guided is not None and grammar is None:
+            grammar = self.grammars.compile(params.guided)
         leader = None
         seqs = []
         for index in range(params.n):
@@ -118,8 +131,8 @@ class LLMEngine:
         request = _Request(seqs)
         for seq in seqs:
             request.streams[seq.seq_id] = TextStream(self._detokenizer(), params.stop)
-            if params.guided is not None:  # each choice its own matcher
-                self.runner.add_matcher(seq, self.grammars.matcher(params.guided))
+            if grammar is not None:  # each choice its own matcher
+                self.runner.add_matcher(seq, GrammarMatcher(grammar))
             self.scheduler.add(seq)
         self.requests[request_id] = request
 

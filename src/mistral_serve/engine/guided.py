@@ -1,4 +1,4 @@
-"""Constrained decoding: a request's GuidedDecoding compiled into a grammar, once per spec.
+"""Constrained decoding: a request's GuidedDecoding compiled into a grammar.
 
 The grammar engine is xgrammar. Its view of the vocabulary is the tokenizer's own
 (`ChatTokenizer.grammar_vocab`: each token's exact output bytes, special tokens never allowed),
@@ -6,23 +6,25 @@ sized to the model's vocabulary so padding ids are never allowed either; its sto
 tokenizer's EOS ids, which it allows only where the grammar may end.
 
 Each sequence gets its own `GrammarMatcher` over the shared compiled grammar: the runner asks it
-for a token bitmask before sampling and feeds it the sampled token after.
+for a token bitmask before sampling and feeds it the sampled token after. Compiled grammars are
+kept by grammar_cache.py; a served engine has them compiled in worker processes
+(grammar_worker_pool.py), with the same `compile_guided`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
-import os
+from collections.abc import Iterable
 import re
-import threading
 
 import xgrammar as xgr
 
+from mistral_serve.engine.client import GuidedDecodingError
 from mistral_serve.engine.params import GuidedDecoding
 
-__all__ = ["GrammarCompilerCache", "GrammarMatcher", "allocate_token_bitmask", "check_schema_support"]
+__all__ = ["KIND_NAMES", "CompiledGrammar", "GrammarMatcher", "allocate_token_bitmask", "check_schema_support",
+           "compile_guided", "new_compiler", "tokenizer_info"]
 
+CompiledGrammar = xgr.CompiledGrammar
 GrammarMatcher = xgr.GrammarMatcher
 allocate_token_bitmask = xgr.allocate_token_bitmask
 
@@ -30,91 +32,38 @@ allocate_token_bitmask = xgr.allocate_token_bitmask
 _ERROR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
 
-@dataclass
-class _Entry:
-    """A compilation, done or in progress (another thread may be compiling it)."""
-
-    is_done: threading.Event = field(default_factory=threading.Event)
-    grammar: xgr.CompiledGrammar | None = None
-    error: ValueError | None = None
+def tokenizer_info(vocab: list[bytes], vocab_size: int, stop_token_ids: Iterable[int]) -> xgr.TokenizerInfo:
+    """The grammar engine's view of a tokenizer: `vocab` from `ChatTokenizer.grammar_vocab`,
+    `vocab_size` the model's (the width of its logits)."""
+    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
 
 
-class GrammarCompilerCache:
-    """Compiles each distinct GuidedDecoding once, for one tokenizer and model vocabulary.
-
-    Thread-safe: callers' threads compile (so a bad schema fails before it is queued), the engine
-    thread finds the result here. Two threads asking for the same spec share one compilation; a
-    thread never waits on another spec's. The least recently used grammars are dropped past
-    `max_entries`; failures are remembered too, so a bad spec sent again fails at once.
-    """
-
-    def __init__(self, tokenizer, vocab_size: int, *, max_entries: int = 256):
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size  # the model's: the width of its logits
-        self.max_entries = max_entries
-        self.num_compilations = 0
-        self._compiler: xgr.GrammarCompiler | None = None
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[GuidedDecoding, _Entry] = OrderedDict()
-
-    def compile(self, guided: GuidedDecoding) -> xgr.CompiledGrammar:
-        """The compiled grammar; ValueError (naming the problem) when it cannot be honoured."""
-        with self._lock:
-            entry = self._entries.get(guided)
-            is_owner = entry is None
-            if is_owner:
-                entry = self._entries[guided] = _Entry()
-                self.num_compilations += 1
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
-            else:
-                self._entries.move_to_end(guided)
-        if is_owner:
-            try:
-                entry.grammar = self._compile(guided)
-            except ValueError as error:
-                entry.error = error
-            finally:
-                entry.is_done.set()
-        entry.is_done.wait()
-        if entry.error is not None:
-            raise ValueError(str(entry.error))
-        return entry.grammar
-
-    def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:
-        """A fresh matcher, at the start of the grammar, for one sequence."""
-        return GrammarMatcher(self.compile(guided))
-
-    def _compile(self, guided: GuidedDecoding) -> xgr.CompiledGrammar:
-        if guided.kind == "json_schema":
-            check_schema_support(guided.schema)
-        compiler = self._get_compiler()
-        try:
-            # compact output: free whitespace would let a model pad forever instead of closing
-            if guided.kind == "json_object":  # any object (the built-in JSON grammar allows any value)
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if guided.kind == "json_schema":  # strict: no properties beyond the schema's
-                return compiler.compile_json_schema(guided.spec, any_whitespace=False, strict_mode=True)
-            if guided.kind == "regex":
-                return compiler.compile_regex(guided.spec)
-            return compiler.compile_grammar(guided.spec)
-        except (RuntimeError, ValueError) as error:
-            reason = _ERROR_PREFIX.sub("", str(error)).strip()
-            raise ValueError(f"cannot constrain the output to this {_NAMES[guided.kind]}: {reason}") from error
-
-    def _get_compiler(self) -> xgr.GrammarCompiler:
-        with self._lock:
-            if self._compiler is None:
-                info = xgr.TokenizerInfo(self.tokenizer.grammar_vocab(), xgr.VocabType.RAW,
-                                         vocab_size=self.vocab_size,
-                                         stop_token_ids=sorted(self.tokenizer.eos_token_ids))
-                # our cache, not xgrammar's, decides what stays compiled
-                self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
-                                                     cache_enabled=False)
-            return self._compiler
+def new_compiler(info: xgr.TokenizerInfo, max_threads: int) -> xgr.GrammarCompiler:
+    # our cache, not xgrammar's, decides what stays compiled
+    return xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
 
 
-_NAMES = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar"}
+def compile_guided(compiler: xgr.GrammarCompiler, guided: GuidedDecoding) -> CompiledGrammar:
+    """The compiled grammar; GuidedDecodingError (naming the problem) when it cannot be honoured."""
+    if guided.kind == "json_schema":
+        check_schema_support(guided.schema)
+    try:
+        # compact output: free whitespace would let a model pad forever instead of closing
+        if guided.kind == "json_object":  # any object (the built-in JSON grammar allows any value)
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if guided.kind == "json_schema":  # strict: no properties beyond the schema's
+            return compiler.compile_json_schema(guided.spec, any_whitespace=False, strict_mode=True)
+        if guided.kind == "regex":
+            return compiler.compile_regex(guided.spec)
+        return compiler.compile_grammar(guided.spec)
+    except (RuntimeError, ValueError) as error:
+        if "bad_alloc" in str(error):  # out of memory (a grammar worker's capped address space): too big, not wrong
+            raise MemoryError(f"compiling the {KIND_NAMES[guided.kind]} ran out of memory") from error
+        reason = _ERROR_PREFIX.sub("", str(error)).strip()
+        raise GuidedDecodingError(f"cannot constrain the output to this {KIND_NAMES[guided.kind]}: {reason}") from error
+
+
+KIND_NAMES = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar"}
 
 # JSON Schema keywords the grammar engine accepts but does not enforce: output would not validate
 _UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas",
@@ -125,12 +74,12 @@ _SCHEMAS = ("items", "additionalProperties", "propertyNames", "unevaluatedProper
 
 
 def check_schema_support(schema, path: str = "#") -> None:
-    """Raise ValueError naming the first keyword this schema uses that the grammar cannot enforce."""
+    """Raise GuidedDecodingError naming the first keyword this schema uses that the grammar cannot enforce."""
     if not isinstance(schema, dict):
         return
 
-    def unsupported(keyword: str, detail: str = "") -> ValueError:
-        return ValueError(f"JSON schema keyword {keyword!r} (at {path}) is not supported for constrained "
+    def unsupported(keyword: str, detail: str = "") -> GuidedDecodingError:
+        return GuidedDecodingError(f"JSON schema keyword {keyword!r} (at {path}) is not supported for constrained "
                           f"decoding{detail}")
 
     for keyword in _UNSUPPORTED_KEYWORDS:

@@ -11,6 +11,7 @@ from typing import Literal
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
+MAX_TOOLS = 128  # OpenAI's limit too; with the other grammar bounds in grammar_bounds.py
 
 GuidedKind = Literal["json_object", "json_schema", "regex", "ebnf"]
 GUIDED_KINDS = ("json_object", "json_schema", "regex", "ebnf")

@@ -8,12 +8,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from mistral_serve.api import chat
+from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST
 from mistral_serve.api.deps import ChatRequest, CurrentKey, Ready, State
 from mistral_serve.api.errors import APIError
 from mistral_serve.api.models import model_object
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList, ModelObject,
 )
+from mistral_serve.api.sse import ClientDisconnected
 from mistral_serve.catalog import Catalog, ServedModel
 
 router = APIRouter()
@@ -44,10 +46,14 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
         served = find_model(state.catalog, body.model)
         caps = state.output_caps(key)
         caps.check_request(body)
-        # tokenizing and compiling a grammar take milliseconds to seconds: off the event loop
+        # tokenizing and checking take milliseconds to a tenth of a second: off the event loop
         generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), ticket)
-        generation = await chat.reserve(generation, caps)
+        generation = await chat.reserve(generation, caps)  # its tokens paid for before its grammar compiles
         await asyncio.to_thread(chat.validate, generation)
+        try:
+            await chat.compile_grammar(request, generation, state.compilations)  # in a worker process
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # gone while it compiled: the compiling stopped
         return await chat.reply(request, generation, ticket.headers)
 
 
