@@ -1,7 +1,7 @@
-"""A chat request → prompt tokens → the engine client → `chat.completion.chunk`s → the reply.
+"""A chat request → prompt tokens → the engine client → `chat.completion.chunk`s.
 
 There is one path: `stream_chunks`. A streaming reply sends its chunks as Server-Sent Events; a
-non-streaming reply is gathered from the same chunks by `complete`. `reply` picks between them.
+non-streaming reply is gathered from the same chunks (chat_replies.py picks between them).
 """
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-import json
-import logging
 import math
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
 
 from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST, GenerationEnd, RequestTicket
 from mistral_serve.api.compilations import Compilations
@@ -23,11 +20,10 @@ from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.metrics import RequestTimer
 from mistral_serve.api.output_caps import OutputCaps
 from mistral_serve.api.protocol import (
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs, ChunkChoice,
-    DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCallOut, PromptTokensDetails, ResponseMessage,
-    TokenLogprob, ToolCall, TopLogprob, Usage,
+    ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, DeltaFunctionCall, DeltaMessage,
+    DeltaToolCall, PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
 )
-from mistral_serve.api.sse import ClientDisconnected, EventStreamResponse, until_disconnected
+from mistral_serve.api.sse import until_disconnected
 from mistral_serve.api.tools import ChoiceReader, ToolCalling, tool_calls_token_id
 from mistral_serve.catalog import ServedModel
 from mistral_serve.engine.client import (
@@ -37,7 +33,6 @@ from mistral_serve.engine.client import (
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.tokenizer import ChatTemplateError
 
-logger = logging.getLogger(__name__)
 
 OVERLOADED_RETRY_AFTER_S = "2"  # a full queue drains within seconds
 # OpenAI's stand-in for a log probability too small to write (JSON has no -Infinity)
@@ -324,103 +319,3 @@ def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
         TokenLogprob(**entry(item.token_id, item.logprob),
                      top_logprobs=[TopLogprob(**entry(token_id, logprob)) for token_id, logprob in item.top_logprobs])
         for item in delta.logprobs])
-
-
-# the two ways to answer
-
-async def reply(request: Request, generation: Generation, headers: dict[str, str]) -> Response:
-    """Run the generation and answer `request` with Server-Sent Events or one JSON reply, carrying
-    `headers`; a 499 when the client leaves first. A stream outlives the route that returns it: it
-    takes the generation's ticket and closes it when it ends."""
-    chunks = None
-    try:
-        # queued until the engine takes it: a full queue or a queue timeout is a 503 before any byte is sent
-        chunks = await until_disconnected(request, start(generation))
-        if generation.request.stream:
-            response = EventStreamResponse(sse_events(generation, chunks), source=chunks,
-                                           on_close=generation.ticket.keep_open().close)
-            response.headers.update(headers)
-            return response
-        completion = await until_disconnected(request, complete(generation, chunks))
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
-    finally:
-        if chunks is not None and not generation.request.stream:
-            await chunks.aclose()  # aborts the generation if complete() did not read it to the end
-    return JSONResponse(completion.model_dump(mode="json"), headers=headers)
-
-
-async def sse_events(generation: Generation, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[str]:
-    """Server-Sent Events of `chunks` (from `start`): each chunk, an error as an event with an `error`
-    object, then [DONE]."""
-    include_usage = generation.request.is_usage_streamed
-    try:
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                if chunk.usage is None or include_usage:
-                    yield f"data: {json.dumps(chunk_body(chunk, include_usage))}\n\n"
-    except APIError as error:
-        yield f"data: {json.dumps(error.body())}\n\n"
-    except Exception:  # a bug or an engine failure: the client still gets an error, not a cut stream
-        logger.exception("chat completion %s failed while streaming", generation.completion_id)
-        error = APIError(500, "The server had an error while processing your request.", type="server_error")
-        yield f"data: {json.dumps(error.body())}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def chunk_body(chunk: ChatCompletionChunk, include_usage: bool) -> dict:
-    """OpenAI's chunk: a delta carries only what it has; `usage` is there (null until the last) only
-    when asked for."""
-    body = chunk.model_dump(mode="json")
-    for choice in body["choices"]:
-        choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
-        for call in choice["delta"].get("tool_calls", ()):
-            for key in [key for key, value in call.items() if value is None]:
-                del call[key]
-            call["function"] = {key: value for key, value in call["function"].items() if value is not None}
-    if not include_usage:
-        del body["usage"]
-    return body
-
-
-async def complete(generation: Generation, chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletionResponse:
-    """The non-streaming reply, gathered from `chunks` (from `start`)."""
-    n = generation.params.n
-    texts: list[list[str]] = [[] for _ in range(n)]
-    calls: list[dict[int, dict]] = [{} for _ in range(n)]  # per choice: call index → id, name, argument pieces
-    logprobs: list[list[TokenLogprob] | None] = [None] * n
-    finish_reasons: list[str | None] = [None] * n
-    usage = None
-    async with aclosing(chunks):
-        async for chunk in chunks:
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                texts[choice.index].append(choice.delta.content or "")
-                for call in choice.delta.tool_calls or ():
-                    gathered = calls[choice.index].setdefault(call.index, {"id": call.id, "name": call.function.name,
-                                                                           "arguments": []})
-                    gathered["arguments"].append(call.function.arguments or "")
-                if choice.logprobs is not None:  # extended in place: a long reply is not copied per token
-                    logprobs[choice.index] = logprobs[choice.index] or []
-                    logprobs[choice.index].extend(choice.logprobs.content or ())
-                finish_reasons[choice.index] = choice.finish_reason or finish_reasons[choice.index]
-    if None in finish_reasons:  # the engine ended the request without finishing every choice: a bug
-        logger.error("chat completion %s ended with unfinished choices %s", generation.completion_id, finish_reasons)
-        raise APIError(500, "The server had an error while processing your request.", type="server_error")
-    wants_logprobs = generation.params.logprobs
-    return ChatCompletionResponse(
-        id=generation.completion_id, created=generation.created, model=generation.request.model,
-        choices=[Choice(index=index, message=_message("".join(texts[index]), calls[index], finish_reasons[index]),
-                        logprobs=ChoiceLogprobs(content=logprobs[index] or []) if wants_logprobs else None,
-                        finish_reason=finish_reasons[index])
-                 for index in range(n)],
-        usage=usage)
-
-
-def _message(text: str, calls: dict[int, dict], finish_reason: str) -> ResponseMessage:
-    """A choice's message: with tool calls, content is null unless the model wrote text before them."""
-    if finish_reason != "tool_calls":  # calls that did not parse were sent again as content
-        return ResponseMessage(content=text)
-    return ResponseMessage(content=text or None, tool_calls=[
-        ToolCall(id=call["id"], function=FunctionCallOut(name=call["name"], arguments="".join(call["arguments"])))
-        for _, call in sorted(calls.items())])

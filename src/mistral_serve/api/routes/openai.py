@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mistral_serve.api import chat
+from mistral_serve.api import chat, chat_replies
 from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST
 from mistral_serve.api.deps import ChatRequest, CurrentKey, Ready, State
 from mistral_serve.api.errors import APIError
@@ -54,7 +54,7 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
             await chat.compile_grammar(request, generation, state.compilations)  # in a worker process
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED_REQUEST)  # gone while it compiled: the compiling stopped
-        return await chat.reply(request, generation, ticket.headers)
+        return await chat_replies.reply(request, generation, ticket.headers)
 
 
 @router.get("/models", response_model=ModelList)
