@@ -28,6 +28,8 @@ CompiledGrammar = xgr.CompiledGrammar
 GrammarMatcher = xgr.GrammarMatcher
 allocate_token_bitmask = xgr.allocate_token_bitmask
 
+KIND_NAMES = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar"}
+
 # xgrammar's errors start with "[hh:mm:ss] source.cc:line: "
 _ERROR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
@@ -62,8 +64,6 @@ def compile_guided(compiler: xgr.GrammarCompiler, guided: GuidedDecoding) -> Com
         reason = _ERROR_PREFIX.sub("", str(error)).strip()
         raise GuidedDecodingError(f"cannot constrain the output to this {KIND_NAMES[guided.kind]}: {reason}") from error
 
-
-KIND_NAMES = {"json_object": "JSON object", "json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar"}
 
 # JSON Schema keywords the grammar engine accepts but does not enforce: output would not validate
 _UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas",
