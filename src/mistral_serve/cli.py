@@ -110,6 +110,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from mistral_serve.engine.builder import resolve_threads
 
     settings = settings_from(args)
+    # our log lines beside uvicorn's, in its format: one per chat request (its id, outcome and tokens)
+    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("mistral_serve").setLevel(logging.INFO)
     num_threads = resolve_threads(settings.threads)
     db = open_database(settings)
     specs = [parse_model_spec(spec) for spec in args.models] or default_model_specs()

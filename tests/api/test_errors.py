@@ -32,6 +32,26 @@ def test_unsupported_and_unknown_fields_are_named(client):
     assert "temprature" in typo["message"] and typo["code"] == "unknown_parameter"
 
 
+HARMLESS_FIELDS = {"metadata": {"run": "nightly", "team": "search"}, "store": False, "service_tier": "auto",
+                   "prompt_cache_key": "session-42", "safety_identifier": "user-hash-1", "modalities": ["text"],
+                   "user": "someone"}
+
+
+def test_fields_that_cannot_change_the_answer_are_accepted_and_ignored(client):
+    plain = client.post("/v1/chat/completions", json=chat(max_tokens=3, temperature=0, seed=1))
+    with_fields = client.post("/v1/chat/completions", json=chat(max_tokens=3, temperature=0, seed=1,
+                                                                **HARMLESS_FIELDS))
+    assert with_fields.status_code == 200, with_fields.text
+    assert with_fields.json()["choices"] == plain.json()["choices"]
+
+
+@pytest.mark.parametrize("field, value", [("store", True), ("reasoning_effort", "high"), ("verbosity", "low"),
+                                          ("modalities", ["text", "audio"])])
+def test_fields_that_would_change_the_answer_are_still_refused(client, field, value):
+    response = client.post("/v1/chat/completions", json=chat(max_tokens=1, **{field: value}))
+    assert response.status_code == 400 and response.json()["error"]["param"].split(".")[0] == field
+
+
 def test_context_errors_say_by_how_much(client):
     prompt_tokens = len(b"<user>Hi")
     error = client.post("/v1/chat/completions", json=chat(messages=USER, max_tokens=CONTEXT_LENGTH)).json()["error"]

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 from fastapi.testclient import TestClient
 import pytest
+from sqlalchemy import select
 
 from mistral_serve.api.app import create_app
 from mistral_serve.api.errors import APIError
@@ -14,6 +15,7 @@ from mistral_serve.api.limits import RateLimiter, budget_period
 from mistral_serve.db import crud
 from mistral_serve.db.crud import KeyLimits
 from mistral_serve.db.key_store import ActiveKey
+from mistral_serve.db.models import Usage
 from mistral_serve.db.plans import PlanLimits
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
@@ -283,6 +285,25 @@ def test_over_http_a_burst_gets_429s_in_the_openai_envelope(http, api_db, clock)
     assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded" and error["param"] is None
     clock.advance(60)
     assert http.post("/v1/chat/completions", json=chat(max_tokens=1), headers=bearer(key)).status_code == 200
+
+
+def test_every_chat_answer_names_its_request_as_its_usage_row_does(http, limited_app, api_db, clock):
+    clock.advance(60)
+    key = limited_key(api_db, "named", requests_per_minute=2)
+    answer = http.post("/v1/chat/completions", json=chat(max_tokens=1), headers=bearer(key))
+    streamed = http.post("/v1/chat/completions", json=chat(max_tokens=1, stream=True), headers=bearer(key))
+    refused = http.post("/v1/chat/completions", json=chat(max_tokens=1), headers=bearer(key))
+    unknown = http.post("/v1/chat/completions", json=chat(model="no-such-model"), headers=bearer(key))
+    assert answer.headers["x-request-id"] == answer.json()["id"]
+    assert streamed.headers["x-request-id"] == sse_events(streamed.text)[0]["id"]
+    assert refused.status_code == 429 and refused.headers["x-request-id"].startswith("chatcmpl-")
+    assert unknown.status_code == 429  # counted first: over its rpm before its model is looked at
+    assert limited_app.state.serving.usage.flush()
+    with api_db() as session:
+        rows = session.scalars(select(Usage.request_id).where(Usage.key_id == crud.find_key_by_raw(session, key).id))
+        ids = set(rows)
+    assert {answer.headers["x-request-id"], streamed.headers["x-request-id"], refused.headers["x-request-id"],
+            unknown.headers["x-request-id"]} == ids
 
 
 def test_over_http_a_spent_budget_is_refused_until_it_renews(http, limited_app, api_db, clock):

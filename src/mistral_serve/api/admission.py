@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+import logging
 import time
 import uuid
 
@@ -28,6 +29,8 @@ from mistral_serve.api.limits import Admission, RateLimiter
 from mistral_serve.db.crud import UsageRecord
 from mistral_serve.db.key_store import ActiveKey
 from mistral_serve.db.usage_writer import UsageWriter
+
+logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the reply
 MAX_MODEL_CHARS = 200  # the width of usage.model
@@ -74,11 +77,15 @@ class RequestTicket:
             self._admission = await self._limiter.admit(self.key)
             self._check_plan_model()
         except BaseException as error:  # refused at the door (or the client left): the row says so
+            if isinstance(error, APIError):
+                error.headers = {"x-request-id": self.request_id, **(error.headers or {})}
             self.close(error)
             raise
         return self
 
     async def __aexit__(self, exc_type, error: BaseException | None, traceback) -> None:
+        if isinstance(error, APIError):  # a refusal names the request too, and says where the limits stand
+            error.headers = {**self.headers, **(error.headers or {})}
         if error is None and self._is_kept_open:
             return  # a stream holds it now, and closes it when it ends
         self.close(error)
@@ -90,8 +97,10 @@ class RequestTicket:
 
     @property
     def headers(self) -> dict[str, str]:
-        """The x-ratelimit-* headers for the reply."""
-        return self._admission.headers if self._admission is not None else {}
+        """The headers of the reply: x-request-id (the completion id, which the usage row and the log
+        line carry too) and the x-ratelimit-* trios of the limits that apply."""
+        limits = self._admission.headers if self._admission is not None else {}
+        return {"x-request-id": self.request_id, **limits}
 
     async def reserve(self, num_prompt_tokens: int, n: int, max_tokens: int | None, default_max_tokens: int) -> int:
         """Charge the request its prompt and n × its most tokens per choice against the token limits
@@ -158,6 +167,9 @@ class RequestTicket:
     def _write_row(self, end: GenerationEnd) -> None:
         now = time.perf_counter()
         ttft_ms = None if self._first_token_at is None else round((self._first_token_at - self._started) * 1000)
+        logger.info("%s %s key %d account %d: %s %d, %d prompt + %d completion tokens, %.0f ms", self.request_id,
+                    self.model, self.key.id, self.key.account_id, end.status, end.http_status, end.num_prompt_tokens,
+                    end.num_completion_tokens, (now - self._started) * 1000)
         self._usage.record(UsageRecord(
             request_id=self.request_id, key_id=self.key.id, account_id=self.key.account_id, model=self.model,
             status=end.status, http_status=end.http_status, duration_ms=round((now - self._started) * 1000),

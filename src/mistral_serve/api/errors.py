@@ -11,10 +11,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mistral_serve.api.protocol import ErrorDetail, ErrorResponse
 
 # OpenAI request fields this server does not honour yet: named in the 400, never silently ignored
+# OpenAI's request fields that would change the answer and that this server cannot honour
 UNSUPPORTED_FIELDS = frozenset({
-    "audio", "function_call", "functions", "logit_bias_type", "metadata", "modalities",
-    "prediction", "prompt_cache_key", "reasoning_effort", "safety_identifier", "service_tier", "store",
-    "verbosity", "web_search_options",
+    "audio", "function_call", "functions", "logit_bias_type", "prediction", "reasoning_effort", "verbosity",
+    "web_search_options",
 })
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

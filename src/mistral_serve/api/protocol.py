@@ -197,6 +197,14 @@ class ChatCompletionRequest(_Request):
     tool_choice: ToolChoice | None = None  # "auto" when there are tools
     parallel_tool_calls: bool | None = None  # true unless false
     user: str | None = None
+    # OpenAI's fields that cannot change the answer: accepted and ignored (README "Compatibility")
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    store: Literal[False] | None = None  # true asks the server to keep the completion: it keeps none
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)  # prefix caching here is automatic
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    modalities: list[Literal["text"]] | None = None  # text is all this server writes
     # --- extensions (not OpenAI's; accepted by other hosted providers) ---
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
