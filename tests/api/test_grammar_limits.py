@@ -18,6 +18,7 @@ from mistral_serve.engine.grammar_worker_pool import GrammarWorkerPool
 from mistral_serve.engine.params import MAX_TOOLS
 from mistral_serve.settings import Settings
 from tests.api.conftest import MODEL_ID, bearer, chat, new_key, serving, wait_until
+from tests.engine.helpers import nested, object_with
 
 # compiles for tens of seconds on a 32k vocabulary, though only 37 bytes long: what no bound sees
 SLOW = {"type": "string", "pattern": "^([a-z]{1,20}[0-9]{0,30}){1,50}$"}
@@ -25,17 +26,6 @@ SLOW = {"type": "string", "pattern": "^([a-z]{1,20}[0-9]{0,30}){1,50}$"}
 
 def named(name: str) -> dict:
     return {"type": "object", "properties": {name: {"type": "integer"}}, "required": [name]}
-
-
-def object_with(num_properties: int) -> dict:
-    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(num_properties)}}
-
-
-def nested(depth: int) -> dict:
-    schema: dict = {"type": "string"}
-    for _ in range(depth - 1):
-        schema = {"items": schema}
-    return schema
 
 
 def answer_as(schema: dict, **fields) -> dict:

@@ -1,5 +1,5 @@
-"""Fakes for engine tests and the tests built on the engine: a byte-level tokenizer, and a model
-that fails on demand."""
+"""Fakes for engine tests and the tests built on the engine: a byte-level tokenizer, a model that
+fails on demand, and JSON schemas of a chosen size."""
 
 from mistral_serve.tokenizer import ChatTokenizer
 
@@ -42,3 +42,16 @@ class FaultyModel:
             self.fail_once = False
             raise RuntimeError("the model run failed")
         return self.model(token_ids, *args)
+
+
+def object_with(num_properties: int) -> dict:
+    """A JSON schema of an object with `num_properties` integer properties."""
+    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(num_properties)}}
+
+
+def nested(depth: int) -> dict:
+    """A schema whose JSON nests `depth` levels: each level an object in the one above."""
+    schema: dict = {"type": "string"}
+    for _ in range(depth - 1):
+        schema = {"items": schema}
+    return schema

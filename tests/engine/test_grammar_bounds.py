@@ -8,18 +8,7 @@ from mistral_serve.engine.grammar_bounds import (
     MAX_SCHEMA_PROPERTIES, check_grammar_bounds,
 )
 from mistral_serve.engine.params import GuidedDecoding
-
-
-def object_with(num_properties: int) -> dict:
-    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(num_properties)}}
-
-
-def nested(depth: int) -> dict:
-    """A schema whose JSON nests `depth` levels: each level an object in the one above."""
-    schema: dict = {"type": "string"}
-    for _ in range(depth - 1):
-        schema = {"items": schema}
-    return schema
+from tests.engine.helpers import nested, object_with
 
 
 def spread_enums(num_values: int) -> dict:

@@ -46,8 +46,17 @@ PASSWORD = "correct horse battery staple"
 
 
 def sign_up(page, email: str) -> None:
+    _enter(page, email, "#signup")
+
+
+def log_in(page, email: str) -> None:
+    _enter(page, email, "#login")
+
+
+def _enter(page, email: str, button: str) -> None:
+    """The account page's form, sent with `button`; on the keys page once it is done."""
     page.click("#nav a[data-page=account]")
     page.fill("#auth-email", email)
     page.fill("#auth-password", PASSWORD)
-    page.click("#signup")
+    page.click(button)
     page.wait_for_selector("#page-keys:not([hidden])")

@@ -11,21 +11,13 @@ from mistral_serve.db import crud, plans
 from mistral_serve.db.plans import PlanLimits
 from tests.api.conftest import MODEL_ID, NO_EOS
 from tests.web.conftest import PHONE, screenshot
-from tests.web.helpers import PASSWORD
+from tests.web.helpers import PASSWORD, log_in
 
 
 def ask(base_url: str, secret: str) -> httpx.Response:
     return httpx.post(base_url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {secret}"},
                       json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
                             "logit_bias": NO_EOS})
-
-
-def log_in(page, email: str) -> None:
-    page.click("#nav a[data-page=account]")
-    page.fill("#auth-email", email)
-    page.fill("#auth-password", PASSWORD)
-    page.click("#login")
-    page.wait_for_selector("#page-keys:not([hidden])")
 
 
 def account_row(page, email: str):
