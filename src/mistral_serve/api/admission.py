@@ -160,8 +160,9 @@ class RequestTicket:
     def _check_plan_model(self) -> None:
         plan = self.key.plan
         if not plan.allows_model(self.model):
-            raise APIError(403, f"Your account's plan{f' ({self.key.plan_name})' if self.key.plan_name else ''} "
-                                f"does not include the model {self.model!r}; it includes: {', '.join(plan.models)}.",
+            label = self.key.plan_label
+            raise APIError(403, f"{label[0].upper()}{label[1:]} does not include the model {self.model!r}; it "
+                                f"includes: {', '.join(plan.models)}.",
                            type="invalid_request_error", param="model", code="model_not_in_plan")
 
     def _write_row(self, end: GenerationEnd) -> None:

@@ -39,7 +39,7 @@ class ServingState:
 
     def output_caps(self, key: ActiveKey) -> OutputCaps:
         """How much one request of `key` may generate: its account's plan, and this server's bounds."""
-        return OutputCaps(key.plan, key.plan_name, self.settings.max_generated_tokens_per_request,
+        return OutputCaps(key.plan, key.plan_label, self.settings.max_generated_tokens_per_request,
                           self.settings.max_logprobs_per_request)
 
     def admit(self, key: ActiveKey, model: str) -> RequestTicket:

@@ -94,12 +94,15 @@ class Admission:
     key: ActiveKey
     window: int
     headers: dict[str, str]
-    budgets: list[Budget]
-    token_limits: list[_Limit]  # tokens per minute, the key's and the account's
+    token_limits: list[_Limit]  # what `reserve` charges: tokens per minute (key, account) and every budget
     seen: dict[str, int] = field(default_factory=dict)  # the counters as `admit` saw them
     num_tokens_reserved: int = 0  # charged to every token limit and budget by `reserve`
     is_enforced: bool = True  # False: the counters were unavailable, nothing was charged
     _charged: list[_Limit] = field(default_factory=list)
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return [limit.budget for limit in self.token_limits if limit.budget is not None]
 
 
 class RateLimiter:
@@ -138,7 +141,7 @@ class RateLimiter:
         # requests are counted; token windows and budgets only need one token left (a charge of 0 within limit - 1)
         charges = ([Charge(limit.counter, 1, limit.limit) for limit in request_limits]
                    + [Charge(limit.counter, 0, limit.limit - 1) for limit in token_limits + budget_limits])
-        admission = Admission(key, window, {}, budgets, token_limits)
+        admission = Admission(key, window, {}, token_limits + budget_limits)
         if not charges:
             return admission
         try:
@@ -169,18 +172,15 @@ class RateLimiter:
         num_per_choice = default_max_tokens if max_tokens is None else max_tokens
         if not admission.is_enforced:
             return num_per_choice
-        fits = [(limit, limit.limit) for limit in admission.token_limits]
-        fits += [(_Limit("budget", budget.scope, budget.counter, budget.num_left, budget), budget.num_left)
-                 for budget in admission.budgets]
-        for limit, capacity in fits:
-            if num_prompt_tokens + n * (max_tokens or 1) > capacity:  # whenever it came, it could not fit
+        limits = admission.token_limits  # each limit: its tokens per minute, or what is left of its budget
+        for limit in limits:
+            if num_prompt_tokens + n * (max_tokens or 1) > limit.limit:  # whenever it came, it could not fit
                 raise _too_large(key, limit, num_prompt_tokens, n, max_tokens)
             if max_tokens is None:  # lowered to what was left at admission; the charge below decides
-                num_fitting = (capacity - admission.seen.get(limit.counter, 0) - num_prompt_tokens) // n
+                num_fitting = (limit.limit - admission.seen.get(limit.counter, 0) - num_prompt_tokens) // n
                 num_per_choice = max(1, min(num_per_choice, num_fitting))
         amount = num_prompt_tokens + n * num_per_choice
-        limits = [limit for limit, _ in fits]
-        charges = [Charge(limit.counter, amount, room) for limit, room in fits]
+        charges = [Charge(limit.counter, amount, limit.limit) for limit in limits]
         if not charges:
             return num_per_choice
         now = self.clock()
@@ -312,11 +312,7 @@ def _headers(limits: Sequence[_Limit], values: Sequence[int], reset_s: float) ->
 
 
 def _whose(key: ActiveKey, scope: str) -> str:
-    return f"key msk-{key.prefix}…" if scope == "key" else f"your account's plan{_plan(key)}"
-
-
-def _plan(key: ActiveKey) -> str:
-    return f" ({key.plan_name})" if key.plan_name else ""
+    return f"key msk-{key.prefix}…" if scope == "key" else key.plan_label
 
 
 def _limited(key: ActiveKey, limit: _Limit, value: int, amount: int, reset_s: float,

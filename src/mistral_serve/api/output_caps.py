@@ -19,7 +19,7 @@ from mistral_serve.engine.params import SamplingParams
 @dataclass(frozen=True)
 class OutputCaps:
     plan: PlanLimits
-    plan_name: str | None
+    plan_label: str  # "your account's plan (free)"
     max_generated_tokens: int  # n × max_tokens, the server's bound
     max_logprobs: int  # n × max_tokens × (1 + top_logprobs), the server's bound
 
@@ -27,11 +27,12 @@ class OutputCaps:
         """Before any work: the plan's bounds on n and max_tokens, as the client gave them."""
         n, max_tokens = request.n or 1, request.max_new_tokens
         if self.plan.max_n is not None and n > self.plan.max_n:
-            raise invalid_request(f"n is {n}, more than the {self.plan.max_n} choices per request your account's "
-                                  f"plan{self._plan} allows.", param="n", code="plan_limit_exceeded")
-        if self.plan.max_output_tokens is not None and max_tokens is not None and max_tokens > self.plan.max_output_tokens:
-            raise invalid_request(f"max_tokens is {max_tokens}, more than the {self.plan.max_output_tokens} tokens "
-                                  f"per choice your account's plan{self._plan} allows.", param="max_tokens",
+            raise invalid_request(f"n is {n}, more than the {self.plan.max_n} choices per request "
+                                  f"{self.plan_label} allows.", param="n", code="plan_limit_exceeded")
+        max_output_tokens = self.plan.max_output_tokens
+        if max_output_tokens is not None and max_tokens is not None and max_tokens > max_output_tokens:
+            raise invalid_request(f"max_tokens is {max_tokens}, more than the {max_output_tokens} tokens "
+                                  f"per choice {self.plan_label} allows.", param="max_tokens",
                                   code="plan_limit_exceeded")
 
     def max_tokens_per_choice(self, params: SamplingParams, num_context_tokens_left: int) -> int:
@@ -60,7 +61,3 @@ class OutputCaps:
                                   + (" or top_logprobs." if params.logprobs else "."), param="n",
                                   code="output_too_large")
         return most
-
-    @property
-    def _plan(self) -> str:
-        return f" ({self.plan_name})" if self.plan_name else ""

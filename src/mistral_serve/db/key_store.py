@@ -43,6 +43,11 @@ class ActiveKey:
     plan_name: str | None = None
 
     @property
+    def plan_label(self) -> str:
+        """How a refusal names the plan: "your account's plan (free)"."""
+        return "your account's plan" + (f" ({self.plan_name})" if self.plan_name else "")
+
+    @property
     def requests_per_minute(self) -> int | None:
         """The key's own limit: the tighter of its owner's and its ceiling."""
         return _tighter(self.limits.requests_per_minute, self.ceiling.requests_per_minute)
