@@ -1,4 +1,4 @@
-"""Function calling: the parser and streaming scanner alone, then over HTTP on a tiny RANDOM-weight
+"""Function calling: the streaming scanner and a choice's reader alone, then over HTTP on a tiny RANDOM-weight
 checkpoint in v0.3's format (Mistral's real v3 tokenizer), where only the grammar can make a call valid."""
 
 from dataclasses import replace
@@ -13,7 +13,7 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 import pytest
 
 from mistral_serve.api.app import create_app
-from mistral_serve.api.tools import ToolCallScanner, ToolCalling, parse_tool_calls, tool_calls_token_id
+from mistral_serve.api.tools import ToolCallScanner, ToolCalling, tool_calls_schema, tool_calls_token_id
 from mistral_serve.engine.async_engine import AsyncEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tool_call_ids import mistral_tool_call_id
@@ -29,24 +29,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 SCHEMAS = {"get_weather": WEATHER, "get-time": TIME}
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
-
-
-# the whole output, parsed once
-
-@pytest.mark.parametrize("text, expected", [
-    ('[{"name": "f", "arguments": {"a": 1}}]', [("f", {"a": 1})]),
-    ('[{"name":"f","arguments":{}},{"name":"g","arguments":{"b":"x"}}]', [("f", {}), ("g", {"b": "x"})]),
-    ('[{"name": "f", "arguments": {"a": 1}', None),  # cut short
-    ('Sure! [{"name": "f", "arguments": {}}]', None),  # text is not a call
-    ('[{"arguments": {}}]', None), ('[]', None), ('{"name": "f", "arguments": {}}', None),
-    ('[{"name": "f", "arguments": "{}"}]', None),
-])
-def test_parse_tool_calls(text, expected):
-    calls = parse_tool_calls(text)
-    if expected is None:
-        assert calls is None
-    else:
-        assert [(call["name"], json.loads(call["arguments"])) for call in calls] == expected
 
 
 def scan(text, pieces, **kwargs):
@@ -74,18 +56,57 @@ def test_the_scanner_streams_arguments_exactly_as_written(pieces):
 TOKEN = 5  # stands for [TOOL_CALLS]
 
 
-def test_auto_reads_text_then_calls_and_malformed_calls_become_content():
-    reader = ToolCalling(TOKEN, is_forced=False, max_num_calls=None).reader()
-    assert reader.on_delta("Let me check.", (1,)) == ("Let me check.", [])
-    content, calls = reader.on_delta('[{"name": "f", "arguments": {"a": 1}}]', (TOKEN, 2))
-    assert content == "" and [(c.name, c.arguments) for c in calls] == [("f", '{"a": 1}')]
-    assert reader.finish("stop") == ("", "tool_calls")
-    broken = ToolCalling(TOKEN, is_forced=False, max_num_calls=None).reader()
-    broken.on_delta('[{"name": "f", "argu', (TOKEN, 2))
-    assert broken.finish("stop") == ('[{"name": "f", "argu', "stop")
-    assert broken.finish("length")[1] == "length"
-    plain = ToolCalling(TOKEN, is_forced=False, max_num_calls=None).reader()
-    assert plain.on_delta("[1]", (3,)) == ("[1]", []) and plain.finish("stop") == ("", "stop")
+def read(text_pieces, finish_reason, *, is_forced=False, max_num_calls=None):
+    """(content, calls as (name, arguments text), finish_reason) that a reader makes of one choice's
+    output: each piece is (text, token ids), TOKEN standing for [TOOL_CALLS]."""
+    reader = ToolCalling(TOKEN, is_forced=is_forced, max_num_calls=max_num_calls).reader()
+    content, calls = "", {}
+    for text, token_ids in text_pieces:
+        more, deltas = reader.on_delta(text, token_ids)
+        content += more
+        for delta in deltas:
+            name, arguments = calls.get(delta.index, (delta.name, ""))
+            calls[delta.index] = (name, arguments + delta.arguments)
+    rest, finish_reason = reader.finish(finish_reason)
+    return content + rest, [calls[i] for i in sorted(calls)], finish_reason
+
+
+CALL = '{"name": "f", "arguments": {"a": 1}}'
+
+
+@pytest.mark.parametrize("output, finish, expected", [
+    # text, then whole calls
+    ([("Let me check.", (1,)), (f"[{CALL}]", (TOKEN, 2))], "stop", ("Let me check.", [("f", '{"a": 1}')], "tool_calls")),
+    # whole calls cut just before the end of the array are whole all the same
+    ([("", (TOKEN,)), (f"[{CALL}, {CALL}", (2,))], "length", ("", [("f", '{"a": 1}')] * 2, "tool_calls")),
+    # a call cut by max_tokens: the whole ones before it stay, the cut one keeps what was generated
+    ([("", (TOKEN,)), (f'[{CALL}, {{"name": "g", "arguments": {{"b": "x', (2,))], "length",
+     ("", [("f", '{"a": 1}'), ("g", '{"b": "x')], "length")),
+    # cut before its name: nothing of it was sent, nothing of it becomes content
+    ([("", (TOKEN,)), (f'[{CALL}, {{"na', (2,))], "length", ("", [("f", '{"a": 1}')], "length")),
+    ([("", (TOKEN,)), ('[{"name": "get_we', (2,))], "length", ("", [], "length")),
+    # the model ends a call it has not closed: the call stays as sent
+    ([("", (TOKEN,)), ('[{"name": "f", "argu', (2,)), ('ments": {"a": ', (3,))], "stop", ("", [("f", '{"a": ')], "stop")),
+    # arguments that are not an object are not a whole call
+    ([("", (TOKEN,)), ('[{"name": "f", "arguments": 5}]', (2,))], "stop", ("", [("f", "5")], "stop")),
+    # after [TOOL_CALLS], text in which no call begins is not a call: it is content
+    ([("", (TOKEN,)), ("oops, no calls here", (2,))], "stop", ("oops, no calls here", [], "stop")),
+    # no [TOOL_CALLS]: text, even if it looks like calls
+    ([(f"[{CALL}]", (3,))], "stop", (f"[{CALL}]", [], "stop")),
+])
+def test_a_choice_keeps_every_call_it_sent_and_never_sends_text_twice(output, finish, expected):
+    assert read(output, finish) == expected
+
+
+def test_without_parallel_calls_the_first_whole_call_is_the_answer():
+    output = [(f"[{CALL}, ", (TOKEN,)), ('{"name": "g", "arguments": {"b', (2,))]
+    assert read(output, "length", max_num_calls=1) == ("", [("f", '{"a": 1}')], "tool_calls")
+    assert read(output, "length") == ("", [("f", '{"a": 1}'), ("g", '{"b')], "length")
+
+
+def test_a_forced_choice_reads_calls_from_the_start():
+    assert read([(f"[{CALL}]", (2,))], "stop", is_forced=True) == ("", [("f", '{"a": 1}')], "tool_calls")
+    assert read([('[{"name": "f", "arg', (2,))], "length", is_forced=True) == ("", [("f", "")], "length")
 
 
 # over HTTP, on a random v0.3-format checkpoint
@@ -320,7 +341,7 @@ def test_a_multi_turn_conversation_through_the_openai_client_encodes_as_mistral_
     assert prompts == [reference, reference]
 
 
-# malformed [TOOL_CALLS] output over HTTP: plain content, finish_reason "stop", never a 500
+# unfinished or malformed [TOOL_CALLS] output over HTTP: what was sent as calls stays calls
 
 def scripted(engine, monkeypatch, pieces):
     """Make each choice's output `pieces` (text, token ids), whatever the model samples; ask for
@@ -340,17 +361,19 @@ def scripted(engine, monkeypatch, pieces):
     monkeypatch.setattr(engine, "step", step_scripted)
 
 
-MALFORMED = {
-    "cut short": ("", '[{"name": "get_weather", "argu', 'ments": {"city": "Pa'),
-    "not json": ("", "oops, ", "no calls here"),
-    "text before a broken call": ("Let me check. ", "", '[{"name": "nope", "arguments": }]'),
+MALFORMED = {  # the pieces, then (content, calls as (name, arguments text))
+    "cut short": (("", '[{"name": "get_weather", "argu', 'ments": {"city": "Pa'),
+                  (None, [("get_weather", '{"city": "Pa')])),
+    "not json": (("", "oops, ", "no calls here"), ("oops, no calls here", [])),
+    "text before a broken call": (("Let me check. ", "", '[{"name": "nope", "arguments": }]'),
+                                  ("Let me check. ", [("nope", "")])),
 }
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("case", MALFORMED)
-def test_malformed_tool_calls_become_content_with_stop(v3_client, v3_engine, monkeypatch, case, stream):
-    texts = MALFORMED[case]
+def test_malformed_tool_calls_are_sent_once_and_end_with_stop(v3_client, v3_engine, monkeypatch, case, stream):
+    texts, (expected_content, expected_calls) = MALFORMED[case]
     token = tool_calls_token_id(v3_engine.tokenizer)
     pieces = [(text, (token,) if i == texts.index("") else (1000 + i,)) for i, text in enumerate(texts)]
     scripted(v3_engine, monkeypatch, pieces)
@@ -363,13 +386,129 @@ def test_malformed_tool_calls_become_content_with_stop(v3_client, v3_engine, mon
         events = sse_events(response.text)
         assert events[-1] == "[DONE]"
         choices = [c for e in events[:-1] for c in e["choices"]]
-        content = "".join(c["delta"].get("content") or "" for c in choices)
+        content = "".join(c["delta"].get("content") or "" for c in choices) or None
+        calls = [(c["name"], c["arguments"]) for c in reassembled(events[:-1])]
         reasons = [c["finish_reason"] for c in choices if c["finish_reason"]]
-        # call pieces already streamed before the text turned out malformed stay sent (a stream
-        # cannot take them back); the whole text still arrives as content, ending with "stop"
     else:
-        message = response.json()["choices"][0]["message"]
-        assert not message.get("tool_calls")
-        content, reasons = message["content"], [response.json()["choices"][0]["finish_reason"]]
-    assert content == "".join(texts)
+        choice = response.json()["choices"][0]
+        content, reasons = choice["message"]["content"], [choice["finish_reason"]]
+        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+    assert (content, calls) == (expected_content, expected_calls)
     assert reasons == ["stop"]
+
+
+# schemas as libraries send them: references, recursion, unions
+
+ADDRESS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "zip": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "null"}]}},
+           "required": ["city", "zip"]}
+TRIP = {  # a Pydantic model with a sub-model, a recursive list and a union of objects, as model_json_schema() writes it
+    "$defs": {"Address": ADDRESS,
+              "Stop": {"type": "object", "properties": {"at": {"$ref": "#/$defs/Address"},
+                                                        "then": {"type": "array", "items": {"$ref": "#/$defs/Stop"},
+                                                                 "maxItems": 1}},
+                       "required": ["at", "then"]},
+              "Car": {"type": "object", "properties": {"kind": {"const": "car"}, "seats": {"type": "integer"}},
+                      "required": ["kind", "seats"]},
+              "Train": {"type": "object", "properties": {"kind": {"const": "train"}}, "required": ["kind"]}},
+    "type": "object",
+    "properties": {"start": {"$ref": "#/$defs/Address"}, "stops": {"type": "array", "items": {"$ref": "#/$defs/Stop"},
+                                                                   "maxItems": 2},
+                   "by": {"oneOf": [{"$ref": "#/$defs/Car"}, {"$ref": "#/$defs/Train"}]},
+                   "mood": {"enum": ["calm", 3, True, None]}},
+    "required": ["start", "stops", "by", "mood"]}
+OLD_STYLE = {"definitions": {"Unit": {"enum": ["celsius", "fahrenheit"]}}, "type": "object",
+             "properties": {"unit": {"$ref": "#/definitions/Unit"}, "more": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+             "required": ["unit", "more"]}
+NESTED_TOOLS = [{"type": "function", "function": {"name": "plan_trip", "parameters": TRIP}},
+                {"type": "function", "function": {"name": "convert", "parameters": OLD_STYLE}}]
+NESTED_SCHEMAS = {"plan_trip": TRIP, "convert": OLD_STYLE}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "plan_trip"}},
+                                         {"type": "function", "function": {"name": "convert"}}],
+                         ids=["required", "named", "named-recursive"])
+def test_forced_calls_take_schemas_with_references(v3_client, closers, tool_choice):
+    response = v3_client.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": MESSAGES, "tools": NESTED_TOOLS, "tool_choice": tool_choice, "n": 4,
+        "seed": 7, "temperature": 1.0, "max_tokens": 400, "logit_bias": closers})
+    assert response.status_code == 200, response.text
+    for choice in response.json()["choices"]:
+        if choice["finish_reason"] == "length":
+            continue  # a random model may wander until cut: the cut call is checked elsewhere
+        assert choice["finish_reason"] == "tool_calls", choice
+        for call in choice["message"]["tool_calls"]:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), NESTED_SCHEMAS[call["function"]["name"]])
+
+
+def test_the_forced_call_grammar_moves_references_with_the_parameters():
+    schema = tool_calls_schema([{"name": "f", "parameters": OLD_STYLE}, {"name": "g", "parameters": TRIP}],
+                               max_num_calls=None)
+    calls = [{"name": "f", "arguments": {"unit": "celsius", "more": {"unit": "fahrenheit", "more": None}}},
+             {"name": "g", "arguments": {"start": {"city": "Paris", "zip": None}, "stops": [], "by": {"kind": "train"},
+                                         "mood": None}}]
+    jsonschema.validate(calls, schema)  # the references resolve in the array's schema as in each function's
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "f", "arguments": {"unit": "kelvin", "more": None}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "f", "arguments": {"unit": "celsius", "more": {"unit": 1, "more": None}}}], schema)
+    # a property named like a keyword is still a schema; data under const and enum is left alone
+    odd = {"type": "object", "properties": {"const": {"$ref": "#/$defs/X"}, "k": {"const": {"$ref": "#/x"}}},
+           "$defs": {"X": {"type": "integer"}}}
+    moved = tool_calls_schema([{"name": "f", "parameters": odd}], max_num_calls=1)["$defs"]["call_0"]
+    assert moved["properties"] == {"const": {"$ref": "#/$defs/call_0/$defs/X"}, "k": {"const": {"$ref": "#/x"}}}
+
+
+# a call cut by max_tokens
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_call_cut_by_max_tokens_stays_a_call(v3_client, closers, stream):
+    """Forced calls cut at every length from the first token on: never content, the same calls
+    streamed or not, and finish_reason "length" unless every call sent is whole."""
+    for max_tokens in (3, 12, 24):
+        request = body(closers, tool_choice="required", n=3, seed=max_tokens, max_tokens=max_tokens, stream=stream)
+        response = v3_client.post("/v1/chat/completions", json=request)
+        assert response.status_code == 200, response.text
+        for index in range(3):
+            if stream:
+                events = sse_events(response.text)[:-1]
+                choices = [c for e in events for c in e["choices"] if c["index"] == index]
+                content = "".join(c["delta"].get("content") or "" for c in choices) or None
+                calls = reassembled(events, index)
+                finish_reason = [c["finish_reason"] for c in choices if c["finish_reason"]][-1]
+            else:
+                choice = response.json()["choices"][index]
+                content, finish_reason = choice["message"]["content"], choice["finish_reason"]
+                calls = [{"id": c["id"], **c["function"]} for c in choice["message"]["tool_calls"]]
+            assert not content, (max_tokens, content)
+            assert all(call["name"] in SCHEMAS and CALL_ID.fullmatch(call["id"]) for call in calls)
+            whole = [call for call in calls[:-1]] if finish_reason == "length" else calls
+            for call in whole:
+                jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+            assert finish_reason in ("length", "tool_calls")
+
+
+# RFC 8259: control characters in strings only as escapes
+
+@pytest.mark.parametrize("field", ["tools", "response_format"])
+def test_strings_under_a_grammar_never_hold_raw_control_characters(v3_client, v3_engine, closers, field):
+    """A bias toward the byte-fallback tokens of U+0001-U+001F makes a random model pick them
+    wherever it may; strings with a length bound (WEATHER's city) let them through raw before."""
+    vocab = v3_engine.tokenizer.grammar_vocab()
+    control = {str(i): 8.0 for i, piece in enumerate(vocab) if len(piece) == 1 and 0 < piece[0] < 0x20}
+    assert len(control) >= 31  # the 31 byte-fallback tokens, and pieces that are such a character
+    fields = ({"tool_choice": "required"} if field == "tools" else
+              {"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}})
+    reply = v3_client.post("/v1/chat/completions", json={**body({**closers, **control}, n=6, seed=109, max_tokens=200),
+                                                        **fields}).json()
+    for choice in reply["choices"]:
+        if choice["finish_reason"] == "length":
+            continue
+        if field == "tools":
+            outputs = [(call["function"]["arguments"], SCHEMAS[call["function"]["name"]])
+                       for call in choice["message"]["tool_calls"]]
+            assert outputs, choice
+        else:
+            outputs = [(choice["message"]["content"], WEATHER)]
+        for text, schema in outputs:
+            jsonschema.validate(json.loads(text), schema)  # json.loads refuses raw control characters

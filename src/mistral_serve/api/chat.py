@@ -258,7 +258,7 @@ def _chunk_choice(tokenizer, delta: CompletionDelta, reader: ChoiceReader | None
     if reader is not None:
         text, calls = reader.on_delta(delta.text, delta.token_ids)
         if finish_reason:
-            rest, finish_reason = reader.finish(finish_reason)  # calls that do not parse become content
+            rest, finish_reason = reader.finish(finish_reason)  # text that held no call becomes content
             text += rest
     if not (text or calls or delta.logprobs or finish_reason):
         return None

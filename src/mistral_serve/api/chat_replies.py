@@ -105,16 +105,17 @@ async def complete(generation: Generation, chunks: AsyncIterator[ChatCompletionC
     wants_logprobs = generation.params.logprobs
     return ChatCompletionResponse(
         id=generation.completion_id, created=generation.created, model=generation.request.model,
-        choices=[Choice(index=index, message=_message("".join(texts[index]), calls[index], finish_reasons[index]),
+        choices=[Choice(index=index, message=_message("".join(texts[index]), calls[index]),
                         logprobs=ChoiceLogprobs(content=logprobs[index] or []) if wants_logprobs else None,
                         finish_reason=finish_reasons[index])
                  for index in range(n)],
         usage=usage)
 
 
-def _message(text: str, calls: dict[int, dict], finish_reason: str) -> ResponseMessage:
-    """A choice's message: with tool calls, content is null unless the model wrote text before them."""
-    if finish_reason != "tool_calls":  # calls that did not parse were sent again as content
+def _message(text: str, calls: dict[int, dict]) -> ResponseMessage:
+    """A choice's message: with tool calls, content is null unless the model wrote text before them.
+    The calls are as streamed: with a finish_reason other than "tool_calls", the last may be cut."""
+    if not calls:
         return ResponseMessage(content=text)
     return ResponseMessage(content=text or None, tool_calls=[
         ToolCall(id=call["id"], function=FunctionCallOut(name=call["name"], arguments="".join(call["arguments"])))

@@ -1,9 +1,14 @@
 """Function calling in Mistral's format: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}`.
 
-Three pieces: the grammar that guarantees a well-formed call (`tool_calls_schema`), the scanner
+Two pieces: the grammar that guarantees a well-formed call (`tool_calls_schema`), and the scanner
 that turns the array's text into OpenAI's streamed `delta.tool_calls` as it arrives (one pass over
-each character, never a re-parse), and the check, once at the end, that the whole output really is
-a list of calls (`parse_tool_calls`); output that is not becomes plain content.
+each character, never a re-parse).
+
+What the scanner has sent as calls stays calls, as OpenAI's do: text is never sent twice, once as
+calls and again as content. At the end a choice's calls are whole (finish_reason "tool_calls") or
+the last one is incomplete, its arguments the JSON text generated so far (finish_reason "length",
+or "stop" when the model ended a call it had not closed). Output after `[TOOL_CALLS]` in which no
+call ever began is not a call: it becomes content.
 """
 
 from __future__ import annotations
@@ -35,38 +40,55 @@ def tool_calls_token_id(tokenizer) -> int | None:
 
 def tool_calls_schema(functions: list[dict], *, max_num_calls: int | None) -> dict:
     """The JSON Schema of a non-empty array of calls to `functions` (OpenAI function definitions):
-    each item names one of them and carries arguments valid against that function's parameters."""
+    each item names one of them and carries arguments valid against that function's parameters.
+
+    Each function's parameters move whole under the array's `$defs` (as `call_<i>`) and every local
+    reference inside them is rewritten to point there: `#/$defs/Address` in a function's parameters
+    becomes `#/$defs/call_0/$defs/Address`, and `#` (a recursive reference to the parameters
+    themselves) `#/$defs/call_0`. So `$defs`, `definitions` and recursion resolve as they do when
+    the same schema is a response_format."""
+    definitions = {f"call_{index}": _with_references_under(function.get("parameters") or EMPTY_PARAMETERS,
+                                                           f"#/$defs/call_{index}")
+                   for index, function in enumerate(functions)}
     calls = [{"type": "object",
-              "properties": {"name": {"const": function["name"]},
-                             "arguments": function.get("parameters") or {"type": "object", "properties": {}}},
+              "properties": {"name": {"const": function["name"]}, "arguments": {"$ref": f"#/$defs/call_{index}"}},
               "required": ["name", "arguments"]}
-             for function in functions]
-    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+             for index, function in enumerate(functions)]
+    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
+              "$defs": definitions}
     if max_num_calls is not None:
         schema["maxItems"] = max_num_calls
     return schema
 
 
-# the whole output, once
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """`[{"name": ..., "arguments": {...}}, ...]` → [{"name", "arguments": JSON text}], or None when the
-    text is not a non-empty list of calls (the caller then returns it as content)."""
-    try:
-        calls = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(calls, list) or not calls:
-        return None
-    parsed = []
-    for call in calls:
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
-            return None
-        arguments = call.get("arguments")
-        if not isinstance(arguments, dict):
-            return None
-        parsed.append({"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)})
-    return parsed
+
+def _with_references_under(schema, base: str):
+    """A copy of `schema` whose local references ("#..." in `$ref`) start at `base` instead of its root.
+
+    Values under `const`, `enum`, `default` and `examples` are data, not schemas: copied as they are.
+    Maps of names to schemas (`properties`, `$defs`…) are walked by value, so a property that happens
+    to be called "const" or "$ref" is still read as a schema."""
+    if isinstance(schema, list):
+        return [_with_references_under(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            moved[key] = base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            moved[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            moved[key] = {name: _with_references_under(subschema, base) for name, subschema in value.items()}
+        else:
+            moved[key] = _with_references_under(value, base)
+    return moved
+
+
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 # the output as it streams
@@ -82,6 +104,24 @@ class ToolCallDelta:
 
 
 @dataclass
+class ScannedCall:
+    """A call the scanner sent: its name, and its arguments' text as it was sent."""
+
+    name: str
+    arguments: list[str] = field(default_factory=list)
+    is_closed: bool = False  # its object ended
+
+    @property
+    def is_whole(self) -> bool:
+        if not self.is_closed:
+            return False
+        try:
+            return isinstance(json.loads("".join(self.arguments)), dict)
+        except ValueError:
+            return False
+
+
+@dataclass
 class ToolCallScanner:
     """Reads the text of a calls array a piece at a time and says what each piece added.
 
@@ -92,7 +132,8 @@ class ToolCallScanner:
     """
 
     max_num_calls: int | None = None
-    num_calls: int = 0
+    num_calls: int = 0  # calls begun, kept or not
+    kept: list[ScannedCall] = field(default_factory=list)  # the calls sent, whole or not
     depth: int = 0
     is_in_string: bool = False
     is_escaped: bool = False
@@ -119,14 +160,24 @@ class ToolCallScanner:
     def _is_kept(self) -> bool:
         return self.num_calls > 0 and (self.max_num_calls is None or self.num_calls <= self.max_num_calls)
 
+    @property
+    def are_kept_calls_whole(self) -> bool:
+        """Whether at least one call was sent, every call sent is whole (closed, with an object as its
+        arguments: what OpenAI's clients parse), and no call that would be sent was begun after them."""
+        num_begun_to_send = self.num_calls if self.max_num_calls is None else min(self.num_calls, self.max_num_calls)
+        return bool(self.kept) and len(self.kept) == num_begun_to_send and all(call.is_whole for call in self.kept)
+
     def _flush(self, deltas: list[ToolCallDelta]) -> None:
         if not self._is_kept or self._name is None:
             return
+        arguments = "".join(self._pending)
         if not self._is_announced:
             self._is_announced = True
-            deltas.append(ToolCallDelta(self.num_calls - 1, new_tool_call_id(), self._name, "".join(self._pending)))
-        elif self._pending:
-            deltas.append(ToolCallDelta(self.num_calls - 1, arguments="".join(self._pending)))
+            self.kept.append(ScannedCall(self._name))
+            deltas.append(ToolCallDelta(self.num_calls - 1, new_tool_call_id(), self._name, arguments))
+        elif arguments:
+            deltas.append(ToolCallDelta(self.num_calls - 1, arguments=arguments))
+        self.kept[-1].arguments.append(arguments)
         self._pending.clear()
 
     def _start_call(self, deltas: list[ToolCallDelta]) -> None:
@@ -162,11 +213,18 @@ class ToolCallScanner:
                 self._start_call(deltas)
         elif char in "}]":
             self.depth -= 1
+            if self.depth == 1 and char == "}":
+                self._end_call(deltas)
         elif self.depth == 2 and char == ":":
             self._is_key_next = False
             self._is_value_arguments = self._key == "arguments"
         elif self.depth == 2 and char == ",":
             self._is_key_next = True
+
+    def _end_call(self, deltas: list[ToolCallDelta]) -> None:
+        self._flush(deltas)
+        if self._is_kept and self._is_announced:
+            self.kept[-1].is_closed = True
 
     def _step_in_string(self, char: str) -> None:
         if self.is_escaped:
@@ -248,10 +306,15 @@ class ChoiceReader:
         return "", self._scanner.feed(text)
 
     def finish(self, finish_reason: str) -> tuple[str, str]:
-        """(content to add, finish reason) at the end: calls that do not parse become content."""
+        """(content to add, finish reason) at the end.
+
+        Calls whole: "tool_calls", whatever ended the generation (with parallel_tool_calls false, what
+        followed the one call was never going to be sent). A call begun but not whole: it stays as
+        sent, with the engine's reason. No call begun at all: the text was not calls, it is content."""
         if not self.is_in_calls:
             return "", finish_reason
-        text = "".join(self._calls_text)
-        if finish_reason == "stop" and parse_tool_calls(text) is not None and self._scanner.num_calls:
+        if self._scanner.are_kept_calls_whole:
             return "", "tool_calls"
-        return text, finish_reason
+        if self._scanner.num_calls:
+            return "", finish_reason
+        return "".join(self._calls_text), finish_reason

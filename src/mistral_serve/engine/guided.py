@@ -54,7 +54,8 @@ def compile_guided(compiler: xgr.GrammarCompiler, guided: GuidedDecoding) -> Com
         if guided.kind == "json_object":  # any object (the built-in JSON grammar allows any value)
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if guided.kind == "json_schema":  # strict: no properties beyond the schema's
-            return compiler.compile_json_schema(guided.spec, any_whitespace=False, strict_mode=True)
+            grammar = xgr.Grammar.from_json_schema(guided.spec, any_whitespace=False, strict_mode=True)
+            return compiler.compile_grammar(with_escaped_control_characters(grammar))
         if guided.kind == "regex":
             return compiler.compile_regex(guided.spec)
         return compiler.compile_grammar(guided.spec)
@@ -63,6 +64,24 @@ def compile_guided(compiler: xgr.GrammarCompiler, guided: GuidedDecoding) -> Com
             raise MemoryError(f"compiling the {KIND_NAMES[guided.kind]} ran out of memory") from error
         reason = _ERROR_PREFIX.sub("", str(error)).strip()
         raise GuidedDecodingError(f"cannot constrain the output to this {KIND_NAMES[guided.kind]}: {reason}") from error
+
+
+# RFC 8259 strings: any character but '"', '\\' and U+0000-U+001F, or an escape. The grammar
+# engine writes the characters of a string with a length bound (minLength, maxLength) as "anything but
+# a quote, a backslash, CR or LF": other control characters could go out raw, and JSON parsers reject
+# them (a byte-fallback token such as <0x18> is enough). Each such character may instead be a JSON
+# character or an escape, which counts as one character, as JSON Schema counts them.
+_LOOSE_STRING_CHARACTER = r'(([^\"\\\r\n]))'
+_JSON_STRING_CHARACTER = r'(([^\0-\x1f\"\\]) | ("\\" json_escape_of_string))'
+_JSON_ESCAPE_RULE = r'json_escape_of_string ::= (([\"\\/bfnrt]) | ("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]))'
+
+
+def with_escaped_control_characters(grammar: xgr.Grammar) -> xgr.Grammar:
+    """`grammar` (from a JSON schema) with every string character RFC 8259's: control characters escaped."""
+    text = str(grammar)
+    if _LOOSE_STRING_CHARACTER not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(f"{text.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER)}\n{_JSON_ESCAPE_RULE}\n")
 
 
 # JSON Schema keywords the grammar engine accepts but does not enforce: output would not validate
