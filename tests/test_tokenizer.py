@@ -14,6 +14,7 @@ import shutil
 import pytest
 from mistral_common.protocol.instruct.chunk import TextChunk
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -21,7 +22,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_serve.tokenizer import (ChatTemplateError, HFTokenizer, MistralCommonTokenizer, TokenizerError,
                                      load_tokenizer)
 from mistral_serve.tool_call_ids import mistral_tool_call_id
-from tests.tokenizers import TEKKEN_FILE, V1_FILE, V3_FILE, checkpoint_dir, piece_id
+from tests.tokenizers import TEKKEN_FILE, V1_FILE, V2_FILE, V3_FILE, V7_FILE, checkpoint_dir, piece_id
 
 # Each conversation twice: as an OpenAI client sends it, and built with mistral-common's own classes.
 CONVERSATIONS = {
@@ -151,9 +152,15 @@ def test_v1_rejects_tools(v1):
 INVALID = {
     "assistant only": ([{"role": "assistant", "content": "Hi"}], "start with a user message"),
     "ends with assistant": ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-                            "last role"),
+                            "last message, system messages aside, must be from the user or a tool"),
+    "ends with assistant, then system": ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                          {"role": "system", "content": "Be brief."}],
+                                         "last message, system messages aside, must be from the user or a tool"),
     "tool after user": ([{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "aB3dE6gH9",
                                                               "content": "42"}], "Unexpected role 'tool'"),
+    "tool after user, system between": ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."},
+                                         {"role": "tool", "tool_call_id": "aB3dE6gH9", "content": "42"}],
+                                        "Unexpected role 'tool' after role 'user'"),
     "unknown role": ([{"role": "function", "content": "Hi"}], "role"),
     "user without content": ([{"role": "user"}], "needs content"),
     "image part": ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}],
@@ -165,8 +172,13 @@ INVALID = {
 }
 
 
+@pytest.fixture(scope="module")
+def v7(tmp_path_factory):
+    return load_tokenizer(checkpoint_dir(tmp_path_factory, V7_FILE, "tokenizer.model.v7"))
+
+
 @pytest.mark.parametrize("name", INVALID)
-@pytest.mark.parametrize("version", ["v1", "v3"])
+@pytest.mark.parametrize("version", ["v1", "v3", "v7"])
 def test_invalid_conversations_raise_chat_template_error(request, version, name):
     messages, reason = INVALID[name]
     with pytest.raises(ChatTemplateError, match=reason):
@@ -188,6 +200,97 @@ def test_unanswered_tool_call_is_rejected(v3):
                 {"role": "user", "content": "Well?"}]
     with pytest.raises(ChatTemplateError, match="function calls and responses"):
         v3.encode_chat(messages, tools=[WEATHER_TOOL])
+
+
+# conversations OpenAI accepts and mistral-common's validator alone refuses (mistral_conversation.py)
+
+ONE_SYSTEM_PROMPT_FILES = {"v1": (V1_FILE, "tokenizer.model.v1"), "v2": (V2_FILE, "tokenizer.model.v2"),
+                           "v3": (V3_FILE, "tokenizer.model.v3"), "tekken v3": (TEKKEN_FILE, "tekken.json")}
+
+
+@pytest.fixture(scope="module", params=ONE_SYSTEM_PROMPT_FILES)
+def one_system_prompt(request, tmp_path_factory):
+    """A tokenizer whose format has one system prompt (v1 to v3), and its file."""
+    file, name = ONE_SYSTEM_PROMPT_FILES[request.param]
+    return load_tokenizer(checkpoint_dir(tmp_path_factory, file, name)), file
+
+
+# Each conversation as an OpenAI client sends it, and its content as mistral-common takes it: the
+# system messages first, where its normalizer joins them into the one system prompt anyway
+LATE_SYSTEM = {
+    "retry after an answer": (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?", "name": "ann"},
+         {"role": "assistant", "content": "Five.", "name": "bot"},
+         {"role": "system", "content": "That was wrong; check before answering.", "name": "checker"},
+         {"role": "user", "content": "Again: 2+2?"}],
+        [SystemMessage(content="Be brief."), SystemMessage(content="That was wrong; check before answering."),
+         UserMessage(content="2+2?"), AssistantMessage(content="Five."), UserMessage(content="Again: 2+2?")],
+    ),
+    "developer between two questions": (
+        [{"role": "user", "content": "Hi"}, {"role": "developer", "content": "Answer in French."},
+         {"role": "user", "content": "How are you?"}],
+        [SystemMessage(content="Answer in French."), UserMessage(content="Hi"), UserMessage(content="How are you?")],
+    ),
+    "between two answers": (
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "system", "content": "Be warmer."}, {"role": "assistant", "content": "Lovely to see you!"},
+         {"role": "user", "content": "Thanks"}],
+        [SystemMessage(content="Be warmer."), UserMessage(content="Hi"), AssistantMessage(content="Hello."),
+         AssistantMessage(content="Lovely to see you!"), UserMessage(content="Thanks")],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LATE_SYSTEM)
+def test_a_late_system_message_joins_the_system_prompt_as_mistral_common_joins_it(one_system_prompt, name):
+    tokenizer, file = one_system_prompt
+    openai_messages, mistral_messages = LATE_SYSTEM[name]
+    assert tokenizer.encode_chat(openai_messages) == reference_tokens(file, mistral_messages)
+
+
+def test_v3_puts_every_system_message_in_the_last_user_turn_and_merges_what_stood_around_them(v3):
+    text = v3.decode(v3.encode_chat(LATE_SYSTEM["retry after an answer"][0]))
+    assert text.index("Five.") < text.index("Be brief.\n\nThat was wrong") < text.index("Again: 2+2?")
+    assert "ann" not in text and "bot" not in text and "checker" not in text
+    text = v3.decode(v3.encode_chat(LATE_SYSTEM["between two answers"][0]))
+    assert "Hello.\n\nLovely to see you!" in text
+
+
+def test_v7_keeps_a_late_system_message_where_it_stands(v7):
+    openai_messages, _ = LATE_SYSTEM["retry after an answer"]
+    in_place = [SystemMessage(content="Be brief."), UserMessage(content="2+2?"), AssistantMessage(content="Five."),
+                SystemMessage(content="That was wrong; check before answering."), UserMessage(content="Again: 2+2?")]
+    # mistral-common's own normalizer and encoder: its validator refuses a system message after an answer
+    reference = MistralTokenizer.from_file(str(V7_FILE))
+    normalized = get_normalizer(reference.version).from_chat_completion_request(
+        ChatCompletionRequest(messages=in_place))
+    ids = v7.encode_chat(openai_messages)
+    assert ids == reference.instruct_tokenizer.encode_instruct(normalized).tokens
+    text = v7.decode(ids, skip_special_tokens=False)
+    assert text.index("Five.") < text.index("[SYSTEM_PROMPT] That was wrong") < text.index("Again: 2+2?")
+
+
+@pytest.mark.parametrize("content", ["", None])
+def test_v3_tool_round_with_empty_content_and_a_late_system_message_matches_mistral_common(v3, content):
+    client_id = "call_abc123xyz789"
+    messages = [
+        {"role": "system", "content": "You report the weather."},
+        {"role": "user", "content": "Weather in Paris?", "name": "ann"},
+        {"role": "assistant", "content": content, "name": "bot", "tool_calls": [
+            {"id": client_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": client_id, "content": "22 degrees"},
+        {"role": "system", "content": "Quote the tool's answer exactly."},
+    ]
+    mapped = mistral_tool_call_id(client_id)
+    expected = reference_tokens(V3_FILE, [
+        SystemMessage(content="You report the weather."), SystemMessage(content="Quote the tool's answer exactly."),
+        UserMessage(content="Weather in Paris?"),
+        AssistantMessage(tool_calls=[ToolCall(id=mapped, function=FunctionCall(
+            name="get_weather", arguments='{"city": "Paris"}'))]),
+        ToolMessage(tool_call_id=mapped, content="22 degrees"),
+    ], tools=[Tool(function=Function(**WEATHER_TOOL["function"]))])
+    assert v3.encode_chat(messages, tools=[WEATHER_TOOL]) == expected
 
 
 def test_token_text_and_bytes_v1(v1):

@@ -9,7 +9,9 @@ import sentencepiece
 
 MISTRAL_DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
 V1_FILE = MISTRAL_DATA / "tokenizer.model.v1"
+V2_FILE = MISTRAL_DATA / "mistral_instruct_tokenizer_240216.model.v2"
 V3_FILE = MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3"
+V7_FILE = MISTRAL_DATA / "mistral_instruct_tokenizer_241114.model.v7"
 TEKKEN_FILE = MISTRAL_DATA / "tekken_240718.json"
 
 

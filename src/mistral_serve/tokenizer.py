@@ -1,9 +1,10 @@
 """Chat messages → prompt token ids, and token ids → text.
 
 Mistral checkpoints go through mistral-common, Mistral's own reference for prompt formats,
-tokenization and message validation; any other checkpoint through its own chat template, with
-transformers. Both take OpenAI-shaped messages and return the ids of a prompt that ends with an
-open assistant turn.
+tokenization and message validation (widened to the conversations OpenAI accepts, in
+mistral_conversation.py); any other checkpoint through its own chat template, with transformers.
+Both take OpenAI-shaped messages and return the ids of a prompt that ends with an open assistant
+turn.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from typing import Any
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
+from mistral_common.tokens.tokenizers.base import InstructTokenizer, SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV3
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 import pydantic
 
-from mistral_serve.tool_call_ids import mistral_tool_call_id
+from mistral_serve.mistral_conversation import conversation_validator, mistral_messages
 
 __all__ = [
     "ChatTemplateError", "ChatTokenizer", "HFTokenizer",
@@ -111,19 +111,6 @@ def _reason(error: Exception) -> str:
     return str(error)
 
 
-def _with_mistral_ids(message: dict) -> dict:
-    message = {"content": None, **message}
-    if isinstance(message.get("tool_calls"), list):
-        message["tool_calls"] = [
-            {**call, "id": mistral_tool_call_id(call["id"])}
-            if isinstance(call, dict) and isinstance(call.get("id"), str) else call
-            for call in message["tool_calls"]]
-    if message["role"] == "tool":
-        call_id = message.get("tool_call_id")
-        message["tool_call_id"] = mistral_tool_call_id(call_id) if isinstance(call_id, str) else call_id
-    return message
-
-
 # Mistral (mistral-common)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -135,7 +122,8 @@ _REQUEST_MODEL = "served-model"
 class MistralCommonTokenizer(ChatTokenizer):
     """A Mistral checkpoint's own tokenizer file, with mistral-common's prompt format and validation.
 
-    `mistral` is mistral-common's tokenizer, for what needs it whole (a grammar engine, tool calls).
+    `mistral` is mistral-common's tokenizer, for what needs it whole (a grammar engine, tool calls),
+    with a validator that takes system messages anywhere (mistral_conversation.py).
     """
 
     def __init__(self, mistral: MistralTokenizer):
@@ -152,8 +140,13 @@ class MistralCommonTokenizer(ChatTokenizer):
         path = Path(path)
         try:
             if path.name == "tokenizer.model":
-                return cls(_from_unversioned_sentencepiece(path))
-            return cls(MistralTokenizer.from_file(path, mode=ValidationMode.serving))
+                instruct = _from_unversioned_sentencepiece(path)
+            else:  # its validator is replaced below
+                instruct = MistralTokenizer.from_file(path).instruct_tokenizer
+            version = instruct.tokenizer.version
+            return cls(MistralTokenizer(
+                instruct, validator=conversation_validator(version),
+                request_normalizer=get_normalizer(version, instruct.tokenizer.model_settings_builder)))
         except (MistralCommonException, AssertionError, OSError, RuntimeError, ValueError) as e:
             raise TokenizerError(f"{path}: not a usable Mistral tokenizer ({e})") from e
 
@@ -163,7 +156,7 @@ class MistralCommonTokenizer(ChatTokenizer):
             raise ChatTemplateError("this model does not support tools")
         try:
             request = ChatCompletionRequest.from_openai(
-                [_with_mistral_ids(m) for m in messages], tools=tools or None, model=_REQUEST_MODEL)
+                mistral_messages(messages, self.version), tools=tools or None, model=_REQUEST_MODEL)
             return self.mistral.encode_chat_completion(request).tokens
         except (MistralCommonException, ValueError) as e:
             raise ChatTemplateError(_reason(e)) from e
@@ -210,22 +203,16 @@ class MistralCommonTokenizer(ChatTokenizer):
         return self.is_special(token_id) or token_id == self._tokenizer.unk_id
 
 
-def _from_unversioned_sentencepiece(path: Path) -> MistralTokenizer:
+def _from_unversioned_sentencepiece(path: Path) -> InstructTokenizer:
     """A bare `tokenizer.model`: mistral-common reads v1 from that name, whatever the vocabulary.
 
     A 32768-token vocabulary is v3's (Mistral-7B-Instruct-v0.3 ships one under this name too), so
-    it gets v3's instruct tokenizer, validator and normalizer, as `MistralTokenizer.from_file`
-    would for a `tokenizer.model.v3`.
+    it gets v3's instruct tokenizer, as `MistralTokenizer.from_file` would for a `tokenizer.model.v3`.
     """
     tokenizer = SentencePieceTokenizer(path)
     if tokenizer.n_words != _V3_VOCAB_SIZE:
-        return MistralTokenizer.from_file(path, mode=ValidationMode.serving)
-    version = TokenizerVersion.v3
-    return MistralTokenizer(
-        InstructTokenizerV3(SentencePieceTokenizer(path, tokenizer_version=version)),
-        validator=get_validator(version, mode=ValidationMode.serving),
-        request_normalizer=get_normalizer(version),
-    )
+        return MistralTokenizer.from_file(path).instruct_tokenizer
+    return InstructTokenizerV3(SentencePieceTokenizer(path, tokenizer_version=TokenizerVersion.v3))
 
 
 # any other checkpoint (transformers)

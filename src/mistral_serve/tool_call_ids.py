@@ -1,5 +1,6 @@
 """Tool-call ids in Mistral's format: exactly 9 letters or digits. The one place that says so:
-the ids the server gives calls (api/tools.py) and the ids it maps clients' ids to (tokenizer.py)."""
+the ids the server gives calls (api/tools.py) and the ids it maps clients' ids to
+(mistral_conversation.py)."""
 
 from __future__ import annotations
 
