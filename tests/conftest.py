@@ -58,6 +58,15 @@ def demo(demo_path):
     return load_tokenizer(demo_path)
 
 
+# The tiny random Mistral v0.3 checkpoint that real server processes serve (tests/api/servers.py), in
+# the API and client-library tests
+@pytest.fixture(scope="session")
+def tiny_v3(tmp_path_factory):
+    from tests.api.servers import write_tiny_v3_checkpoint
+
+    return write_tiny_v3_checkpoint(tmp_path_factory.mktemp("tiny-v3"))
+
+
 # Servers: PostgreSQL and Redis of the session's own (tests/services.py), each started on first use
 # and stopped when the session ends. Where one cannot start, the tests that need it are skipped,
 # except in CI, where a missing install step must fail the run rather than hide.

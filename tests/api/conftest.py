@@ -200,14 +200,6 @@ def openai_schema():
     return validate
 
 
-@pytest.fixture(scope="session")
-def tiny_v3(tmp_path_factory):
-    """The tiny random Mistral v0.3 checkpoint that real server processes serve (tests/api/servers.py)."""
-    from tests.api.servers import write_tiny_v3_checkpoint
-
-    return write_tiny_v3_checkpoint(tmp_path_factory.mktemp("tiny-v3"))
-
-
 # a tiny random checkpoint in v0.3's format, with Mistral's real v3 tokenizer (tool calls, grammars)
 
 @pytest.fixture(scope="module")
