@@ -118,10 +118,12 @@ def client(app, api_key):
 
 
 @contextmanager
-def serving(app):
+def serving(app, *, is_started: bool = False):
     """`app` under a real uvicorn on a free loopback port, in a thread: yields its base URL. As `serve`
-    runs it by default, X-Forwarded-* headers are believed from no one."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False))
+    runs it by default, X-Forwarded-* headers are believed from no one. `is_started`: the app runs
+    already (in a TestClient): serve it as it is, without starting or stopping it again."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False,
+                                           lifespan="off" if is_started else "auto"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -6,7 +6,7 @@ Schema these models produce is exactly what the server accepts.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -58,6 +58,8 @@ FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 class FunctionCall(_Request):
     name: str
     arguments: str  # JSON text
+    # the openai package's parse() adds the parsed arguments to the message it returns; sent back, ignored
+    parsed_arguments: Any = Field(default=None, exclude=True)
 
 
 class ToolCallParam(_Request):
@@ -72,6 +74,7 @@ class AssistantMessage(_Request):
     role: Literal["assistant"]
     name: str | None = None
     tool_calls: list[ToolCallParam] | None = None
+    parsed: Any = Field(default=None, exclude=True)  # as parsed_arguments: parse()'s, sent back, ignored
 
 
 class ToolMessage(_Request):
@@ -366,7 +369,8 @@ class ResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
+    # left out when there are none, as OpenAI leaves it out (and refuses an empty array sent back to it)
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]

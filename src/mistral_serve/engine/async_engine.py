@@ -160,6 +160,10 @@ class AsyncEngine(EngineClient):
 
     def start(self) -> None:
         if self._thread is None:
+            if self._engine.driver is not None and self._engine.driver is not self:
+                # two loops stepping one engine would sample one sequence twice per step
+                raise RuntimeError("this engine is already run by another AsyncEngine; stop that one first")
+            self._engine.driver = self
             self._is_stopping = False
             self.grammar_workers.open()
             if self._executor is not None:
@@ -177,6 +181,8 @@ class AsyncEngine(EngineClient):
         elif self._thread is not None:
             self._thread.join()
         self._thread = None
+        if self._engine.driver is self:
+            self._engine.driver = None
         self.grammar_workers.close()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,

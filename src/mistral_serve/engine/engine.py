@@ -61,6 +61,8 @@ class LLMEngine:
         self.prepared = prepared
         self.model = prepared.model
         self.tokenizer = tokenizer
+        # the AsyncEngine whose loop runs the steps: one at a time, since steps are not thread-safe
+        self.driver: object | None = None
         self.config = config
         model_config = prepared.config
         num_blocks = config.num_kv_blocks or max(
