@@ -10,7 +10,8 @@ import mistral_serve
 
 PACKAGE_DIR = Path(mistral_serve.__file__).parent
 # what api/ may import from engine/: the client surface and the request's parameter types
-ENGINE_SURFACE = {"mistral_serve.engine.client", "mistral_serve.engine.params"}
+# the engine as the API may see it; the grammar bounds are plain checks of a request, which a pool keeps too
+ENGINE_SURFACE = {"mistral_serve.engine.client", "mistral_serve.engine.params", "mistral_serve.engine.grammar_bounds"}
 # the modules that rewrite a loaded model for inference (fusing, packing, swapping layers)
 MODEL_REWRITERS = {"mistral_serve.model.prepare", "mistral_serve.model.fused", "mistral_serve.model.cpu.packed",
                    "mistral_serve.model.cpu.layers"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 import sys
 import time
 
@@ -11,9 +13,13 @@ from mistral_serve.cli_admin import add_admin_commands
 from mistral_serve.cli_settings import open_database, settings_from, storage_flags
 from mistral_serve.model.precision import DTYPE_CHOICES, QUANTIZATIONS
 from mistral_serve.settings import SIGNUP_MODES
+from mistral_serve.upstream.config import POLICIES
 from mistral_serve.settings import ANY_ADDRESS, LOOPBACK_NAMES, Settings
 
 log = logging.getLogger(__name__)
+
+ENGINE_PORT = 8001
+ENGINE_TOKEN_VARIABLE = "MISTRAL_SERVE_ENGINE_TOKEN"
 
 
 def engine_flags(parser: argparse.ArgumentParser, *, serves_many_models: bool = False) -> None:
@@ -93,29 +99,117 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a recently checked key keeps working while the database is away (default 300)")
     limits.add_argument("--max-usage-backlog-mb", type=int,
                         help="usage rows waiting on disk for the database before chat gets 503 (default 256)")
+    pools = serve.add_argument_group("pools of upstreams (README \"Scaling out\")")
+    pools.add_argument("--upstream", dest="upstreams", action="append", metavar="ID=URL[,OPTION=VALUE…]", default=[],
+                       help="serve model ID from the OpenAI-compatible server at URL (its base, e.g. "
+                            "http://10.0.0.5:8001/v1): a `mistral-serve engine`, vLLM, SGLang, llama.cpp's server or a "
+                            "router; repeat it for each upstream of a pool. Options: model=NAME (the upstream's name "
+                            "for it), name=NAME, health_path=/PATH, token_env=VARIABLE")
+    pools.add_argument("--upstream-token-env", metavar="VARIABLE",
+                       help="the environment variable holding the token sent to upstreams whose flag names none")
+    pools.add_argument("--upstream-policy", choices=POLICIES,
+                       help="how a pool picks a request's upstream (default prefix_affinity: one conversation prefix, "
+                            "one upstream, within 1.25x the mean load)")
+    pools.add_argument("--pools-file", type=Path, default=os.environ.get("MISTRAL_SERVE_POOLS_FILE"),
+                       help="a YAML or TOML file of pools, with every option (env MISTRAL_SERVE_POOLS_FILE)")
     storage_flags(serve)
     serve.set_defaults(run=run_serve)
+
+    engine = commands.add_parser("engine", help="serve our engine alone, for a gateway's pool: chat and models "
+                                                 "under /v1 for holders of a shared token, /health and /metrics; "
+                                                 "no accounts, no database")
+    engine_flags(engine, serves_many_models=True)
+    engine.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    engine.add_argument("--port", type=int, default=ENGINE_PORT, help=f"port to listen on (default {ENGINE_PORT})")
+    engine.add_argument("--token-file", type=Path,
+                        help=f"a file holding the token callers must send as `Authorization: Bearer TOKEN` (default: "
+                             f"${ENGINE_TOKEN_VARIABLE}; one of them is required unless --host is a loopback address)")
+    engine.add_argument("--allowed-hosts", help="comma-separated names answered in the Host header (default: any; "
+                                                "the token guards the engine)")
+    engine.add_argument("--max-queued-requests", type=int, help="requests waiting to start before new ones get 503")
+    engine.add_argument("--queue-timeout", dest="queue_timeout_s", type=float,
+                        help="seconds a request may wait to start before it gets 503 (default 120)")
+    engine.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float,
+                        help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+    engine.set_defaults(run=run_engine)
 
     add_admin_commands(commands)
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from mistral_serve.api.app import create_app
-    from mistral_serve.api.server import ABORT_GRACE_S, GracefulServer
+
+    settings = settings_from(args)
+    log_requests()
+    db = open_database(settings)
+    pooled = load_pools(args, settings)
+    # a gateway in front of pools runs no engine of its own unless told to with --model
+    engines = load_engines(settings, args.models) if args.models or not pooled else {}
+    for model_id in engines.keys() & pooled.keys():
+        raise ValueError(f"{model_id} is given both as --model and as a pool")
+    app = create_app(settings, {**engines, **pooled}, db)
+    may_warn_of_refused_hosts(settings)
+    describe_signup(settings, db)
+    return run_app(app, settings, engines)
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    from mistral_serve.api.engine_app import create_engine_app
+
+    settings = settings_from(args)
+    log_requests()
+    token = engine_token(args.token_file, settings.host)
+    engines = load_engines(settings, args.models)
+    return run_app(create_engine_app(settings, engines, token), settings, engines)
+
+
+def load_pools(args: argparse.Namespace, settings: Settings) -> dict:
+    """A pooled model per pool of --upstream flags and of the --pools-file, its tokenizer loaded."""
+    from mistral_serve.api.pooled_model import pooled_model
+    from mistral_serve.upstream.config import load_pools_file, pools_from_flags
+
+    specs = pools_from_flags(args.upstreams, policy=args.upstream_policy, token_env=args.upstream_token_env)
+    if args.pools_file:
+        specs += load_pools_file(args.pools_file)
+    pooled = {}
+    for spec in specs:
+        if spec.model_id in pooled:
+            raise ValueError(f"the pool of {spec.model_id} is given twice")
+        pooled[spec.model_id] = pooled_model(spec, allow_download=bool(settings.allow_download))
+        print(f"{spec.model_id}: a pool of {len(spec.upstreams)} upstream(s), {spec.policy}: "
+              f"{', '.join(upstream.name for upstream in spec.upstreams)}", file=sys.stderr)
+    return pooled
+
+
+def engine_token(token_file: Path | None, host: str) -> str | None:
+    """The engine's shared token: from --token-file, else the environment; required off loopback."""
+    token = token_file.read_text().strip() if token_file else os.environ.get(ENGINE_TOKEN_VARIABLE, "").strip()
+    if token:
+        return token
+    if token_file:
+        raise ValueError(f"--token-file {token_file} is empty")
+    if host not in LOOPBACK_NAMES:
+        raise ValueError(f"an engine listening on {host or 'every interface'} needs a token: set "
+                         f"{ENGINE_TOKEN_VARIABLE} or --token-file (gateways send it as a Bearer token)")
+    log.warning("no %s: any process on this machine may call this engine", ENGINE_TOKEN_VARIABLE)
+    return None
+
+
+def log_requests() -> None:
+    """Our log lines beside uvicorn's, in its format: one per chat request (its id, outcome and tokens)."""
+    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("mistral_serve").setLevel(logging.INFO)
+
+
+def load_engines(settings: Settings, model_flags: list[str]) -> dict:
+    """An engine per --model ID=PATH (default: the demo model and the cached Mistral models), loaded."""
     from mistral_serve.catalog import card_for, default_model_specs, parse_model_spec
     from mistral_serve.engine.async_engine import load_async_engine
     from mistral_serve.engine.builder import resolve_threads
 
-    settings = settings_from(args)
-    # our log lines beside uvicorn's, in its format: one per chat request (its id, outcome and tokens)
-    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("mistral_serve").setLevel(logging.INFO)
     num_threads = resolve_threads(settings.threads)
-    db = open_database(settings)
-    specs = [parse_model_spec(spec) for spec in args.models] or default_model_specs()
+    specs = [parse_model_spec(spec) for spec in model_flags] or default_model_specs()
     engines = {}
     for model_id, source in specs:
         if model_id in engines:
@@ -126,9 +220,15 @@ def run_serve(args: argparse.Namespace) -> int:
         model_settings = settings.model_copy(update={"model": source, "max_model_len": max_model_len})
         engines[model_id] = load_async_engine(model_settings, num_threads)
         print(f"{model_id}: {engines[model_id].backend.describe()}", file=sys.stderr)
-    app = create_app(settings, engines, db)
-    may_warn_of_refused_hosts(settings)
-    describe_signup(settings, db)
+    return engines
+
+
+def run_app(app, settings: Settings, engines: dict) -> int:
+    """`app` under uvicorn with a graceful shutdown (api/server.py), until a signal stops it."""
+    import uvicorn
+
+    from mistral_serve.api.server import ABORT_GRACE_S, GracefulServer
+
     # uvicorn would believe X-Forwarded-* from 127.0.0.1 (or $FORWARDED_ALLOW_IPS) unless told: only the named proxies
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=ABORT_GRACE_S, proxy_headers=bool(settings.forwarded_allow_ips),

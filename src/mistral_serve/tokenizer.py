@@ -381,12 +381,15 @@ _BYTE_LEVEL_DECODER = _byte_level_decoder()
 # loading
 
 def load_tokenizer(path: str | Path) -> ChatTokenizer:
-    """The tokenizer of a checkpoint directory (Mistral-native or Hugging Face) or of a GGUF file."""
+    """The tokenizer of a checkpoint directory (Mistral-native or Hugging Face), of a GGUF file, or a
+    Mistral tokenizer file itself (tekken.json, tokenizer.model.vN)."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".gguf":
             return HFTokenizer.from_gguf(path)
-        raise TokenizerError(f"{path}: expected a checkpoint directory or a .gguf file")
+        if path.name.endswith(".json") or re.search(r"\.model(\.v\d+(m\d+)?)?$", path.name):
+            return MistralCommonTokenizer.from_file(path)
+        raise TokenizerError(f"{path}: expected a checkpoint directory, a .gguf file or a Mistral tokenizer file")
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such checkpoint")
     if mistral_file := _mistral_tokenizer_file(path):

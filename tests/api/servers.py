@@ -102,7 +102,7 @@ def mistral_serve(work_dir: Path, *serve_args: str, hf_cache: Path | None = None
                                stdout=log, stderr=subprocess.STDOUT, env=environ)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_ready(url, process, log_path)
+        wait_until_ready(url, process, log_path)
         yield LiveServer(url, key, process)
     finally:
         stop_process(process, timeout_s=30)
@@ -116,13 +116,15 @@ def away_from_window_end(window_s: int, margin_s: float = 15) -> None:
         time.sleep(left + 0.5)
 
 
-def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen, log: Path, path: str = "/ready") -> None:
+    """Until GET url+path answers 200; an AssertionError with the log's tail if the process exits first
+    or START_TIMEOUT_S passes."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"mistral-serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -7,7 +7,7 @@ from tests.api.conftest import CONTEXT_LENGTH, MODEL_ID, chat
 from tests.api.helpers import BAD_REQUESTS
 
 OPENAI_FIELDS = {"id", "object", "created", "owned_by"}
-OUR_FIELDS = {"display_name", "description", "context_length", "capabilities", "quantization", "backend",
+OUR_FIELDS = {"display_name", "description", "context_length", "capabilities", "quantization", "backend", "pool",
               "json_request_schema"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import itertools
 import json
 import threading
 import time
@@ -53,6 +54,9 @@ def stream_text(name: str) -> str:
     return "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
 
 
+_ARRIVALS = itertools.count()  # orders the requests of both fake engines
+
+
 def fake_engine(name: str, requests: list[dict]) -> FastAPI:
     """An engine as smg sees ours: /health open, the rest behind a Bearer token."""
     app = FastAPI()
@@ -60,7 +64,7 @@ def fake_engine(name: str, requests: list[dict]) -> FastAPI:
     @app.middleware("http")
     async def record_and_authorize(request: Request, call_next):
         requests.append({"method": request.method, "path": request.url.path, "headers": dict(request.headers),
-                         "body": (await request.body()).decode()})
+                         "body": (await request.body()).decode(), "order": next(_ARRIVALS)})
         if request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {TOKEN}":
             return JSONResponse({"error": {"message": "invalid token", "type": "invalid_request_error"}}, 401)
         return await call_next(request)
@@ -120,8 +124,9 @@ def chat_body(content: str = "Hello", **fields) -> dict:
 
 
 def chat_requests(engines) -> list[dict]:
-    return [request for requests in engines.values() for request in requests
-            if request["path"] == "/v1/chat/completions"]
+    """The chat requests the engines got, all of them, in the order they arrived."""
+    return sorted((request for requests in engines.values() for request in requests
+                   if request["path"] == "/v1/chat/completions"), key=lambda request: request["order"])
 
 
 def post(url: str, body: dict, token: str | None = TOKEN) -> httpx.Response:

@@ -91,6 +91,10 @@ class RequestTicket:
         self.close(error)
 
     @property
+    def account_id(self) -> int:
+        return self.key.account_id
+
+    @property
     def tenant(self) -> str:
         """Who asked, for the engine's fair scheduling: the account first, then its key."""
         return f"{self.key.account_id}/{self.key.id}"

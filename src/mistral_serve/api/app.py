@@ -24,19 +24,21 @@ from mistral_serve.catalog import Catalog
 from mistral_serve.db.key_store import KeyStore
 from mistral_serve.db.usage_spool import UsageSpool
 from mistral_serve.db.usage_writer import UsageWriter
+from mistral_serve.api.local_model import LocalModel
+from mistral_serve.api.model_client import ModelClient
 from mistral_serve.engine.client import EngineClient
 from mistral_serve.settings import Settings
 
 API_STYLES = {"/v1": "OpenAI style", "/api/ai": "Oxen style"}
 
 
-def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sessionmaker[Session],
+def create_app(settings: Settings, clients: Mapping[str, EngineClient | ModelClient], db: sessionmaker[Session],
                limiter: RateLimiter | None = None) -> FastAPI:
-    """An app serving the engines of `clients` (model id → engine client) to the keys in `db`, a
-    migrated database. It starts the engines and the usage writer on startup and stops them on
-    shutdown. `limiter`: by default, counters in Redis when settings.redis_url is set, else in this
-    process."""
-    catalog = Catalog.from_clients(clients, quantization=settings.quantize)
+    """An app serving `clients` (model id → the engine in this process, or a model client such as a
+    pool of upstreams) to the keys in `db`, a migrated database. It starts the models and the usage
+    writer on startup and stops them on shutdown. `limiter`: by default, counters in Redis when
+    settings.redis_url is set, else in this process."""
+    catalog = Catalog.from_clients(model_clients(clients), quantization=settings.quantize)
     if limiter is None:
         counters = RedisCounters(settings.redis_url) if settings.redis_url else InProcessCounters()
         limiter = RateLimiter(counters, db)
@@ -49,15 +51,10 @@ def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sess
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.usage.start()
-        for model in state.catalog:
-            model.client.start()
-        state.is_ready = True
         try:
-            yield
+            async with models_running(state):
+                yield
         finally:
-            state.is_ready = False
-            for model in state.catalog:
-                await asyncio.to_thread(model.client.shutdown)
             await state.limiter.close()
             await asyncio.to_thread(state.usage.close)  # every request's row is written before we stop
 
@@ -79,6 +76,26 @@ def create_app(settings: Settings, clients: Mapping[str, EngineClient], db: sess
                            generate_unique_id_function=_operation_id(prefix))
     app.include_router(web.router)  # the workbench and dashboard at /
     return app
+
+
+@asynccontextmanager
+async def models_running(state):
+    """The catalog's models started, and `state` ready, until the block ends: then stopped."""
+    for model in state.catalog:
+        await model.client.start()
+    state.is_ready = True
+    try:
+        yield
+    finally:
+        state.is_ready = False
+        for model in state.catalog:
+            await model.client.shutdown()
+
+
+def model_clients(clients: Mapping[str, EngineClient | ModelClient]) -> dict[str, ModelClient]:
+    """Each model's client as the chat path takes it: an engine of this process behind a LocalModel."""
+    return {model_id: client if isinstance(client, ModelClient) else LocalModel(client)
+            for model_id, client in clients.items()}
 
 
 def _operation_id(prefix: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-import math
 import time
 
 from fastapi import Request
@@ -19,24 +18,18 @@ from mistral_serve.api.compilations import Compilations
 from mistral_serve.api.errors import APIError, invalid_request
 from mistral_serve.api.metrics import RequestTimer
 from mistral_serve.api.output_caps import OutputCaps
-from mistral_serve.api.protocol import (
-    ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, DeltaFunctionCall, DeltaMessage,
-    DeltaToolCall, PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
-)
+from mistral_serve.api.protocol import ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, PromptTokensDetails, Usage
 from mistral_serve.api.sse import until_disconnected
-from mistral_serve.api.tools import ChoiceReader, ToolCalling, tool_calls_token_id
+from mistral_serve.api.tools import ToolCalling, tool_calls_token_id
 from mistral_serve.catalog import ServedModel
 from mistral_serve.engine.client import (
-    CompletionDelta, EngineOverloadedError, EngineStoppedError, GrammarCompilerBusyError, GuidedDecodingError,
-    QueueTimeoutError,
+    EngineOverloadedError, EngineStoppedError, GrammarCompilerBusyError, GuidedDecodingError, QueueTimeoutError,
 )
 from mistral_serve.engine.params import SamplingParams
 from mistral_serve.tokenizer import ChatTemplateError
 
 
 OVERLOADED_RETRY_AFTER_S = "2"  # a full queue drains within seconds
-# OpenAI's stand-in for a log probability too small to write (JSON has no -Infinity)
-MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +49,12 @@ class Generation:
     @property
     def completion_id(self) -> str:
         return self.ticket.request_id
+
+    def chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        """A chunk of this generation's reply."""
+        return ChatCompletionChunk(id=self.completion_id, created=self.created, model=self.request.model,
+                                   choices=choices, usage=usage)
+
 
 def prepare(request: ChatCompletionRequest, served: ServedModel, timer: RequestTimer,
             ticket: RequestTicket) -> Generation:
@@ -117,7 +116,7 @@ async def compile_grammar(request: Request, generation: Generation, compilations
         if client.is_grammar_compiled(guided):  # answers at once: no compiler taken
             await client.prepare_grammar(guided)
             return
-        with compilations.of_account(generation.ticket.key.account_id):
+        with compilations.of_account(generation.ticket.account_id):
             await until_disconnected(request, client.prepare_grammar(guided))
     except GuidedDecodingError as error:
         raise invalid_request(f"Invalid request: {error}", param=_guided_param(generation.request),
@@ -201,31 +200,13 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
     """The role chunk of each choice (once the first token is out), its content chunks (the last with
     finish_reason), then one usage chunk with no choices — always; a stream without include_usage
     drops it."""
-    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=generation.completion_id, created=generation.created,
-                                   model=generation.request.model, choices=choices, usage=usage)
-
-    progress = _Progress()
-    client = generation.served.client
-    readers = ([generation.tool_calling.reader() for _ in range(generation.params.n)]
-               if generation.tool_calling is not None else None)
+    progress = GenerationProgress()
+    is_usage_in_every_chunk = generation.request.is_usage_streamed_with_every_chunk
     try:
-        # prepare() had the client validate these very prompt and params
-        deltas = client.generate(generation.prompt_token_ids, generation.params, request_id=generation.completion_id,
-                                 tenant=generation.ticket.tenant, is_validated=True)
-        async with aclosing(deltas):  # leaving early (client gone) closes it: the request is aborted
-            is_begun = False
-            async for delta in deltas:
-                if delta.finish_reason == "abort":
-                    raise APIError(503, "The generation was aborted by the server.", type="server_error")
-                if not is_begun:
-                    is_begun = True
-                    for index in range(generation.params.n):
-                        yield chunk([ChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-                progress.on_delta(generation, delta)
-                choice = _chunk_choice(client.tokenizer, delta, readers[delta.index] if readers else None)
-                if choice is not None:
-                    yield chunk([choice])
+        chunks = generation.served.client.chunks(generation, progress)
+        async with aclosing(chunks):  # leaving early (client gone) closes it: the generation stops
+            async for chunk in chunks:
+                yield chunk.model_copy(update={"usage": progress.usage(generation)}) if is_usage_in_every_chunk else chunk
         progress.outcome, progress.http_status = "finished", 200
     except EngineStoppedError:
         progress.http_status = 503
@@ -245,39 +226,18 @@ async def stream_chunks(generation: Generation) -> AsyncIterator[ChatCompletionC
         raise
     finally:
         progress.on_end(generation)
-    num_prompt_tokens = len(generation.prompt_token_ids)
-    num_completion_tokens = progress.num_completion_tokens
-    yield chunk([], Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
-                          total_tokens=num_prompt_tokens + num_completion_tokens,
-                          prompt_tokens_details=PromptTokensDetails(cached_tokens=progress.num_cached_tokens)))
-
-
-def _chunk_choice(tokenizer, delta: CompletionDelta, reader: ChoiceReader | None) -> ChunkChoice | None:
-    """What one engine delta adds to its choice: content, pieces of tool calls, the end; None: nothing."""
-    text, calls, finish_reason = delta.text, [], delta.finish_reason
-    if reader is not None:
-        text, calls = reader.on_delta(delta.text, delta.token_ids)
-        if finish_reason:
-            rest, finish_reason = reader.finish(finish_reason)  # text that held no call becomes content
-            text += rest
-    if not (text or calls or delta.logprobs or finish_reason):
-        return None
-    tool_calls = [DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
-                                function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
-                  for call in calls]
-    return ChunkChoice(index=delta.index,
-                       delta=DeltaMessage(content=text if text or delta.logprobs else None,
-                                          tool_calls=tool_calls or None),
-                       logprobs=_logprobs(tokenizer, delta), finish_reason=finish_reason)
+    yield generation.chunk([], progress.usage(generation))
 
 
 @dataclass
-class _Progress:
-    """How far a generation got: what its end reports to /metrics and to the usage row."""
+class GenerationProgress:
+    """How far a generation got, as its model client reports it: what its end reports to /metrics and
+    to the usage row."""
 
     num_output_tokens: dict[int, int] = field(default_factory=dict)  # per choice
     num_cached_tokens: int = 0  # the prompt is counted once: as the first choice saw it
-    finish_reason: str | None = None  # the first choice's
+    num_prompt_tokens: int | None = None  # as the engine counted them, when it says; else the prompt's
+    finish_reason: str | None = None  # the first choice's; "cut" when an upstream broke off the stream
     outcome: str = "aborted"  # unless the generation runs to its end ("finished") or fails
     http_status: int | None = None  # set when it fails
 
@@ -285,37 +245,32 @@ class _Progress:
     def num_completion_tokens(self) -> int:
         return sum(self.num_output_tokens.values())
 
-    def on_delta(self, generation: Generation, delta: CompletionDelta) -> None:
-        generation.timer.on_tokens(delta.index, len(delta.token_ids))
-        if delta.token_ids:
+    def num_prompt_tokens_of(self, generation: Generation) -> int:
+        return len(generation.prompt_token_ids) if self.num_prompt_tokens is None else self.num_prompt_tokens
+
+    def usage(self, generation: Generation) -> Usage:
+        """The usage so far; at the end, the request's."""
+        num_prompt_tokens = self.num_prompt_tokens_of(generation)
+        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=self.num_completion_tokens,
+                     total_tokens=num_prompt_tokens + self.num_completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens))
+
+    def on_tokens(self, generation: Generation, index: int, num_new_tokens: int, num_output_tokens: int,
+                  finish_reason: str | None) -> None:
+        """Choice `index` has `num_new_tokens` more, `num_output_tokens` in all; `finish_reason` once it ends."""
+        generation.timer.on_tokens(index, num_new_tokens)
+        if num_new_tokens:
             generation.ticket.on_first_token()
-        self.num_output_tokens[delta.index] = delta.num_output_tokens
-        if delta.index == 0:
-            self.num_cached_tokens = delta.num_cached_tokens
-            self.finish_reason = delta.finish_reason or self.finish_reason
+        self.num_output_tokens[index] = num_output_tokens
+        if index == 0:
+            self.finish_reason = finish_reason or self.finish_reason
 
     def on_end(self, generation: Generation) -> None:
         if self.http_status is not None and self.outcome != "finished":
             self.outcome = "failed"
-        num_prompt_tokens = len(generation.prompt_token_ids)
+        num_prompt_tokens = self.num_prompt_tokens_of(generation)
         generation.timer.on_end(num_prompt_tokens, self.num_completion_tokens, self.outcome)
         status = {"finished": "ok", "failed": "error", "aborted": "aborted"}[self.outcome]
         generation.ticket.on_generation_end(GenerationEnd(
             status, self.http_status or CLIENT_CLOSED_REQUEST, num_prompt_tokens, self.num_cached_tokens,
             self.num_completion_tokens, self.finish_reason))
-
-
-def _logprobs(tokenizer, delta: CompletionDelta) -> ChoiceLogprobs | None:
-    if delta.logprobs is None:
-        return None
-
-    def entry(token_id: int, logprob: float) -> dict:
-        token_bytes = tokenizer.token_bytes(token_id)
-        logprob = max(logprob, MIN_LOGPROB) if math.isfinite(logprob) else MIN_LOGPROB
-        return {"token": token_bytes.decode("utf-8", errors="replace"), "logprob": logprob,
-                "bytes": list(token_bytes)}
-
-    return ChoiceLogprobs(content=[
-        TokenLogprob(**entry(item.token_id, item.logprob),
-                     top_logprobs=[TopLogprob(**entry(token_id, logprob)) for token_id, logprob in item.top_logprobs])
-        for item in delta.logprobs])

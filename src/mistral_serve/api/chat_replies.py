@@ -3,6 +3,7 @@ JSON reply gathered from the same chunks."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 import json
@@ -11,16 +12,34 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST
-from mistral_serve.api.chat import Generation, start
+from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST, RequestTicket
+from mistral_serve.api.chat import Generation, compile_grammar, prepare, reserve, start, validate
+from mistral_serve.api.compilations import Compilations
 from mistral_serve.api.errors import APIError
+from mistral_serve.api.metrics import ServingMetrics
+from mistral_serve.api.output_caps import OutputCaps
 from mistral_serve.api.protocol import (
-    ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs, FunctionCallOut, ResponseMessage,
-    TokenLogprob, ToolCall,
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs, FunctionCallOut,
+    ResponseMessage, TokenLogprob, ToolCall,
 )
 from mistral_serve.api.sse import ClientDisconnected, EventStreamResponse, until_disconnected
+from mistral_serve.catalog import ServedModel
 
 logger = logging.getLogger(__name__)
+
+
+async def answer(request: Request, body: ChatCompletionRequest, served: ServedModel, ticket: RequestTicket,
+                 caps: OutputCaps, metrics: ServingMetrics, compilations: Compilations) -> Response:
+    """The chat path of an admitted request, from its body to the reply (see `reply`)."""
+    # tokenizing and checking take milliseconds to a tenth of a second: off the event loop
+    generation = await asyncio.to_thread(prepare, body, served, metrics.timer(served.id), ticket)
+    generation = await reserve(generation, caps)  # its tokens paid for before its grammar compiles
+    await asyncio.to_thread(validate, generation)
+    try:
+        await compile_grammar(request, generation, compilations)  # in a worker process
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # gone while it compiled: the compiling stopped
+    return await reply(request, generation, ticket.headers)
 
 
 async def reply(request: Request, generation: Generation, headers: dict[str, str]) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mistral_serve.api.protocol import ChatCompletionRequest, ModelBackend, ModelCapabilities, ModelObject
+from mistral_serve.api.protocol import ChatCompletionRequest, ModelBackend, ModelCapabilities, ModelObject, ModelPool, PoolMember
 from mistral_serve.api.tools import tool_calls_token_id
 from mistral_serve.catalog import Catalog, ServedModel
 
@@ -22,8 +22,22 @@ def model_object(name: str, served: ServedModel, catalog: Catalog) -> ModelObjec
         id=name, created=served.created, owned_by=card.owned_by, display_name=card.display_name,
         description=card.description, context_length=served.client.max_model_len,
         capabilities=capabilities(served),
-        quantization=served.quantization, backend=ModelBackend(**served.client.backend.as_dict()),
+        quantization=served.quantization, backend=_backend(served), pool=_pool(served),
         json_request_schema=request_schema(served, [n for n in catalog.names if catalog.get(n) is served]))
+
+
+def _backend(served: ServedModel) -> ModelBackend | None:
+    backend = served.client.backend
+    return None if backend is None else ModelBackend(**backend.as_dict())
+
+
+def _pool(served: ServedModel) -> ModelPool | None:
+    """The upstreams that serve a pooled model, and whether each is in rotation."""
+    client = served.client
+    if client.policy is None:
+        return None
+    return ModelPool(policy=client.policy, upstreams=[PoolMember(name=member.name, state=member.state)
+                                                      for member in client.upstreams()])
 
 
 def request_schema(served: ServedModel, names: list[str]) -> dict:

@@ -149,6 +149,8 @@ ToolChoice = Union[Literal["none", "auto", "required", "any"], NamedToolChoice] 
 
 class StreamOptions(_Request):
     include_usage: bool | None = None
+    # --- extension (vLLM's): with include_usage, every chunk carries the usage so far ---
+    continuous_usage_stats: bool | None = None
 
 
 ModelId = Annotated[str, Field(pattern=CONTROL_FREE)]  # printed in errors, stored with usage: no control characters
@@ -318,6 +320,10 @@ class ChatCompletionRequest(_Request):
     def is_usage_streamed(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def is_usage_streamed_with_every_chunk(self) -> bool:
+        return self.is_usage_streamed and bool(self.stream_options.continuous_usage_stats)
+
 
 # responses
 
@@ -459,6 +465,18 @@ class ModelBackend(_Response):
     kernel_path: str
 
 
+class PoolMember(_Response):
+    name: str
+    state: Literal["healthy", "ejected"]  # ejected: out of rotation until a health check passes
+
+
+class ModelPool(_Response):
+    """The upstreams a pooled model is served by (an extension)."""
+
+    policy: str  # how a request's upstream is picked: "prefix_affinity" or "least_outstanding"
+    upstreams: list[PoolMember]
+
+
 class ModelObject(_Response):
     id: str
     object: Literal["model"] = "model"
@@ -470,7 +488,8 @@ class ModelObject(_Response):
     context_length: int
     capabilities: ModelCapabilities
     quantization: str | None
-    backend: ModelBackend
+    backend: ModelBackend | None  # null when a pool of upstreams serves the model
+    pool: ModelPool | None = None  # the upstreams, when a pool serves the model
     json_request_schema: dict
     # --- end of extensions ---
 

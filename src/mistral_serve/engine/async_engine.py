@@ -343,4 +343,4 @@ class AsyncEngine(EngineClient):
     def _read_stats(self) -> EngineStats:
         engine = self._engine
         return EngineStats(engine.num_running, engine.num_waiting, engine.num_kv_blocks_used,
-                           engine.num_kv_blocks_total)
+                           engine.num_kv_blocks_total, engine.num_prefix_cache_queries, engine.num_prefix_cache_hits)

@@ -87,6 +87,8 @@ class EngineStats:
     num_waiting: int  # sequences queued for a place in the batch
     num_kv_blocks_used: int
     num_kv_blocks_total: int
+    num_prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since the start
+    num_prefix_cache_hits: int = 0  # of them, those found there
 
 
 @dataclass(frozen=True)

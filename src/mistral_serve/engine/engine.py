@@ -256,3 +256,11 @@ class LLMEngine:
     @property
     def num_kv_blocks_used(self) -> int:
         return self.block_manager.num_used_blocks
+
+    @property
+    def num_prefix_cache_queries(self) -> int:
+        return self.scheduler.num_prefix_cache_queries
+
+    @property
+    def num_prefix_cache_hits(self) -> int:
+        return self.scheduler.num_prefix_cache_hits

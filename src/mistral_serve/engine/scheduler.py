@@ -56,6 +56,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start, for metrics
         self._num_admissions = 0
+        # prompt tokens looked up in the prefix cache at first admission, and those found (vLLM's metrics)
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
         self._last_admission: dict[str, int] = {}  # group or tenant → the serial of its latest admission
 
     @property
@@ -108,6 +111,8 @@ class Scheduler:
             self._last_admission[seq.tenant] = self._last_admission[_group(seq.tenant)] = self._num_admissions
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
+                self.num_prefix_cache_queries += seq.num_prompt_tokens
+                self.num_prefix_cache_hits += seq.num_cached_tokens
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -80,7 +80,8 @@ class UpstreamPool:
     def num_in_flight(self) -> int:
         return sum(member.num_in_flight for member in self._members)
 
-    async def open_stream(self, body: dict, *, affinity_key: str | None, request_id: str) -> UpstreamStream:
+    async def open_stream(self, body: dict, *, affinity_key: str | None, request_id: str,
+                          headers: dict[str, str] | None = None) -> UpstreamStream:
         """The stream of a chat completion `body` (streaming already asked for), from the first member
         that answers with a first event. Raises NoHealthyUpstreamError when none does,
         UpstreamRefusedError when a member refuses the request's content, UpstreamMisconfiguredError
@@ -94,7 +95,7 @@ class UpstreamPool:
                 break
             tried.append(member.name)
             try:
-                return await self._open_on(member, body, request_id)
+                return await self._open_on(member, body, request_id, headers or {})
             except _AttemptFailed as failure:
                 failures.append(failure)
         reasons = "; ".join(f"{name}: {failure}" for name, failure in zip(tried, failures))
@@ -116,13 +117,13 @@ class UpstreamPool:
         in_flight = {name: member.num_in_flight for name, member in eligible.items()}
         return eligible[pick_member(self.spec.policy, in_flight, affinity_key, load_factor=self.spec.load_factor)]
 
-    async def _open_on(self, member: Member, body: dict, request_id: str) -> UpstreamStream:
+    async def _open_on(self, member: Member, body: dict, request_id: str, headers: dict[str, str]) -> UpstreamStream:
         """`member`'s stream, its first event read; _AttemptFailed (recorded on the member) when
         another member may take the request."""
         member.acquire()
         response = stream = None
         try:
-            response = await self._http.send(self._request(member, body, request_id), stream=True)
+            response = await self._http.send(self._request(member, body, request_id, headers), stream=True)
             if response.status_code != 200:
                 raise await _status_error(response)
             events = iter_events(response)
@@ -143,9 +144,10 @@ class UpstreamPool:
                 if response is not None:
                     await response.aclose()
 
-    def _request(self, member: Member, body: dict, request_id: str) -> httpx.Request:
+    def _request(self, member: Member, body: dict, request_id: str, extra_headers: dict[str, str]) -> httpx.Request:
         payload = body if member.spec.model is None else {**body, "model": member.spec.model}
-        headers = {"Accept": "text/event-stream", "X-Request-Id": request_id, **_authorization(member)}
+        headers = {**extra_headers, "Accept": "text/event-stream", "X-Request-Id": request_id,
+                   **_authorization(member)}
         return self._http.build_request("POST", member.spec.chat_url, json=payload, headers=headers,
                                         timeout=self._stream_timeout)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -24,7 +25,10 @@ async def ready(state: State, _: Ready) -> dict:
     """Every model is loaded and its engine running (503 otherwise), and where and on which kernels each
     runs; whether the database takes usage rows, and how many bytes of them wait on disk until it does."""
     return {"status": "ready", "models": [model.id for model in state.catalog],
-            "backends": {model.id: model.client.backend.as_dict() for model in state.catalog},
+            "backends": {model.id: model.client.backend.as_dict() for model in state.catalog
+                         if model.client.backend is not None},
+            "upstreams": {model.id: [asdict(member) for member in model.client.upstreams()]
+                          for model in state.catalog if model.client.upstreams()},
             "database": "reachable" if state.usage.is_database_reachable else "unreachable",
             "usage_backlog_bytes": await asyncio.to_thread(state.usage.backlog_bytes)}
 

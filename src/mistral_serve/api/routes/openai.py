@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mistral_serve.api import chat, chat_replies
-from mistral_serve.api.admission import CLIENT_CLOSED_REQUEST
+from mistral_serve.api import chat_replies
 from mistral_serve.api.deps import ChatRequest, CurrentKey, Ready, State
 from mistral_serve.api.errors import APIError
 from mistral_serve.api.models import model_object
 from mistral_serve.api.protocol import (
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList, ModelObject,
 )
-from mistral_serve.api.sse import ClientDisconnected
 from mistral_serve.catalog import Catalog, ServedModel
 
 router = APIRouter()
@@ -46,15 +42,7 @@ async def create_chat_completion(key: CurrentKey, _: Ready, request: Request, bo
         served = find_model(state.catalog, body.model)
         caps = state.output_caps(key)
         caps.check_request(body)
-        # tokenizing and checking take milliseconds to a tenth of a second: off the event loop
-        generation = await asyncio.to_thread(chat.prepare, body, served, state.metrics.timer(served.id), ticket)
-        generation = await chat.reserve(generation, caps)  # its tokens paid for before its grammar compiles
-        await asyncio.to_thread(chat.validate, generation)
-        try:
-            await chat.compile_grammar(request, generation, state.compilations)  # in a worker process
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)  # gone while it compiled: the compiling stopped
-        return await chat_replies.reply(request, generation, ticket.headers)
+        return await chat_replies.answer(request, body, served, ticket, caps, state.metrics, state.compilations)
 
 
 @router.get("/models", response_model=ModelList)

@@ -1,0 +1,102 @@
+"""Real `mistral-serve engine` processes, as an operator starts them on each engine machine, for the
+pool tests: each on its own loopback port, with the shared token, until stopped (or killed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+import os
+from pathlib import Path
+import re
+import signal
+import subprocess
+
+import httpx
+
+from tests.api.servers import CLI, V3_MODEL_ID, _environment, _free_port, wait_until_ready
+from tests.services import stop_process
+
+ENGINE_TOKEN = "engine-shared-token-for-tests"
+ENGINE_ARGS = ("--kv-cache-memory-mb", "64", "--threads", "1")
+HEALTH_INTERVAL_S = 1.0  # the pools' active checks in these tests
+
+
+@dataclass
+class Engine:
+    """One engine process; `restart()` brings it back on the same port, as a supervisor would."""
+
+    work_dir: Path
+    checkpoint: Path
+    port: int
+    name: str
+    process: subprocess.Popen | None = None
+    num_starts: int = field(default=0)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.origin + "/v1"
+
+    def start(self) -> None:
+        self.num_starts += 1
+        log = (self.work_dir / f"{self.name}-{self.num_starts}.log").open("w")
+        environ = _environment(self.work_dir / "empty-hf-cache", {"ENGINE_TOKEN": ENGINE_TOKEN})
+        self.process = subprocess.Popen(
+            [CLI, "engine", "--model", f"{V3_MODEL_ID}={self.checkpoint}", "--port", str(self.port), *ENGINE_ARGS],
+            stdout=log, stderr=subprocess.STDOUT, env=environ)
+        wait_until_ready(self.origin, self.process, Path(log.name), path="/health")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye; its connections simply drop."""
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout_s=30)
+
+    def metric(self, name: str) -> float:
+        """One metric of its /metrics (summed over labels)."""
+        text = httpx.get(self.origin + "/metrics", timeout=10).text
+        assert re.search(rf"^# TYPE {re.escape(name.removesuffix('_total'))}(_total)? ", text, re.M), \
+            f"{name} is not in the engine's metrics"
+        return sum(float(match[1]) for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+@contextmanager
+def engines(work_dir: Path, checkpoint: Path, count: int) -> Iterator[list[Engine]]:
+    """`count` engines serving `checkpoint` as the v0.3 model, started one after the other."""
+    (work_dir / "empty-hf-cache").mkdir(parents=True, exist_ok=True)
+    started = [Engine(work_dir, checkpoint, _free_port(), f"engine{index}") for index in range(count)]
+    with ExitStack() as stack:
+        for engine in started:
+            stack.callback(engine.stop)
+            engine.start()
+        yield started
+
+
+TOKEN_VARIABLE = "POOL_TESTS_ENGINE_TOKEN"  # where the gateway reads the engines' token from
+os.environ[TOKEN_VARIABLE] = ENGINE_TOKEN  # the gateway processes inherit it
+
+
+def upstream_flags(started: list[Engine], model_id: str = V3_MODEL_ID) -> list[str]:
+    """The gateway's flags for a pool of `started`."""
+    flags = []
+    for engine in started:
+        flags += ["--upstream", f"{model_id}={engine.base_url},name={engine.name}"]
+    return [*flags, "--upstream-token-env", TOKEN_VARIABLE]
+
+
+def pools_file(path: Path, started: list[Engine], model_id: str = V3_MODEL_ID, **options) -> Path:
+    """A pools file (YAML) of `started`, health-checked every HEALTH_INTERVAL_S, with `options`."""
+    import yaml
+
+    pool = {"id": model_id, "health_interval_s": HEALTH_INTERVAL_S, **options,
+            "upstreams": [{"url": engine.base_url, "name": engine.name, "token_env": TOKEN_VARIABLE}
+                          for engine in started]}
+    path.write_text(yaml.safe_dump({"models": [pool]}))
+    return path

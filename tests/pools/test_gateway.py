@@ -1,0 +1,165 @@
+"""Two `mistral-serve engine` processes behind one `mistral-serve serve` gateway answer as the engine
+in the gateway's own process does, on the same checkpoint and seed: plain and streamed, through the
+provider examples and the official openai client, with tools and JSON schemas; usage and limits are
+the gateway's."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from openai import OpenAI
+import pytest
+
+from tests.api.conftest import bearer, sse_events
+from tests.api.servers import V3_MODEL_ID, mistral_serve
+from tests.api.examples import OPENAI_STYLE, OXEN_MODEL, OXEN_STYLE, OXEN_STYLE_STREAM, run_example
+from tests.pools.cluster import ENGINE_TOKEN, engines, upstream_flags
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}}]
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Hello there"}]
+
+# the same request to both servers: what must come back the same
+REQUESTS = {
+    "seeded sampling": {"seed": 7, "temperature": 1.0, "max_tokens": 12},
+    "greedy, two choices": {"temperature": 0, "max_tokens": 8, "n": 2},
+    "stop string and logprobs": {"seed": 3, "max_tokens": 10, "stop": ["e"], "logprobs": True, "top_logprobs": 2},
+    "forced tool call": {"seed": 5, "max_tokens": 60, "tools": TOOLS, "tool_choice": "required"},
+    "json schema": {"seed": 11, "max_tokens": 60, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}},
+}
+
+
+@pytest.fixture(scope="module")
+def pool_engines(tmp_path_factory, tiny_v3):
+    with engines(tmp_path_factory.mktemp("engines"), tiny_v3, 2) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, pool_engines):
+    with mistral_serve(tmp_path_factory.mktemp("gateway"), *upstream_flags(pool_engines)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, tiny_v3):
+    with mistral_serve(tmp_path_factory.mktemp("in-process"), "--model", f"{V3_MODEL_ID}={tiny_v3}",
+                       "--kv-cache-memory-mb", "64") as server:
+        yield server
+
+
+def post(server, body: dict) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", json=body, headers=bearer(server.key), timeout=120)
+
+
+def without_ids(reply: dict) -> dict:
+    """A reply's choices and usage: what the model and the metering decided (ids and times differ)."""
+    choices = json.loads(json.dumps(reply["choices"]))
+    for choice in choices:
+        for call in choice["message"].get("tool_calls") or ():
+            call.pop("id")
+    return {"choices": choices, "usage": reply["usage"]}
+
+
+def streamed(server, body: dict) -> tuple[dict, list[dict]]:
+    """A streamed reply gathered: per choice its text, calls and finish_reason, the usage; and the chunks."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=bearer(server.key),
+                      timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        events = sse_events(response.read().decode())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    gathered: dict = {"choices": {}, "usage": chunks[-1]["usage"]}
+    for chunk in chunks:
+        assert chunk["id"] == chunks[0]["id"] and chunk["model"] == body["model"]
+        for choice in chunk["choices"]:
+            entry = gathered["choices"].setdefault(choice["index"], {"text": "", "calls": [], "finish_reason": None})
+            entry["text"] += choice["delta"].get("content") or ""
+            for call in choice["delta"].get("tool_calls") or ():
+                entry["calls"].append({key: value for key, value in call.items() if key != "id"})
+            entry["finish_reason"] = choice["finish_reason"] or entry["finish_reason"]
+    return gathered, chunks
+
+
+@pytest.mark.parametrize("name", REQUESTS)
+def test_a_pooled_model_answers_as_the_engine_in_process_does(gateway, in_process, name):
+    body = {"model": V3_MODEL_ID, "messages": MESSAGES, **REQUESTS[name]}
+    pooled, local = post(gateway, body), post(in_process, body)
+    assert pooled.status_code == local.status_code == 200, (pooled.text, local.text)
+    assert pooled.json()["id"] == pooled.headers["x-request-id"]
+    assert without_ids(pooled.json()) == without_ids(local.json())
+    pooled_stream, chunks = streamed(gateway, body)
+    assert streamed(in_process, body)[0] == pooled_stream
+    assert all("usage" in chunk for chunk in chunks)  # asked for: null until the last
+
+
+def test_the_usage_chunk_comes_only_when_asked_for(gateway):
+    body = {"model": V3_MODEL_ID, "messages": MESSAGES, "max_tokens": 4, "stream": True}
+    response = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=bearer(gateway.key), timeout=120)
+    *chunks, done = sse_events(response.text)
+    assert done == "[DONE]" and chunks
+    assert all("usage" not in chunk and chunk["choices"] for chunk in chunks)
+
+
+def test_the_provider_examples_run_verbatim_through_the_pool(gateway, in_process, openai_schema):
+    for example in (OPENAI_STYLE, OXEN_STYLE):
+        pooled = eval(run_example(example, gateway.url, gateway.key))  # the example prints r.json()
+        openai_schema("CreateChatCompletionResponse", pooled)
+        local = eval(run_example(example, in_process.url, in_process.key))
+        # no seed in the examples: the text differs, the metering and the way it ended do not
+        assert pooled["usage"] == local["usage"]
+        assert pooled["choices"][0]["finish_reason"] == local["choices"][0]["finish_reason"]
+    lines = run_example(OXEN_STYLE_STREAM, gateway.url, gateway.key).splitlines()
+    assert lines[-1] == "data: [DONE]" and len(lines) > 2
+    model = eval(run_example(OXEN_MODEL, gateway.url, gateway.key))
+    assert model["id"] == "open-mistral-7b" and model["backend"] is None
+    assert model["pool"]["policy"] == "prefix_affinity"
+    assert [member["name"] for member in model["pool"]["upstreams"]] == ["engine0", "engine1"]
+    assert model["context_length"] == 512  # what the engines serve, learnt from them
+
+
+def test_the_openai_client_gets_the_same_answers(gateway, in_process):
+    replies = []
+    for server in (gateway, in_process):
+        client = OpenAI(base_url=server.url + "/v1", api_key=server.key)
+        plain = client.chat.completions.create(model=V3_MODEL_ID, messages=MESSAGES, seed=21, max_tokens=10)
+        stream = client.chat.completions.create(model=V3_MODEL_ID, messages=MESSAGES, seed=21, max_tokens=10,
+                                                stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        tool = client.chat.completions.create(model=V3_MODEL_ID, messages=MESSAGES, seed=2, max_tokens=60,
+                                              tools=TOOLS, tool_choice={"type": "function",
+                                                                        "function": {"name": "get_weather"}})
+        [call] = tool.choices[0].message.tool_calls
+        replies.append((plain.choices[0].message.content, plain.usage.completion_tokens, text,
+                        call.function.name, json.loads(call.function.arguments), tool.choices[0].finish_reason))
+    assert replies[0] == replies[1]
+    assert replies[0][2] == replies[0][0]  # streamed as answered
+
+
+def test_the_gateway_keeps_the_keys_and_the_engines_keep_their_token(gateway, pool_engines):
+    body = {"model": V3_MODEL_ID, "messages": MESSAGES, "max_tokens": 2}
+    refused = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=bearer(ENGINE_TOKEN), timeout=30)
+    assert refused.status_code == 401  # the engines' token is no key of the gateway
+    direct = httpx.post(pool_engines[0].base_url + "/chat/completions", json=body, headers=bearer(gateway.key),
+                        timeout=30)
+    assert direct.status_code == 401 and direct.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_bad_requests_are_refused_by_the_gateway_before_they_travel(gateway, pool_engines):
+    before = [engine.metric("mistral_serve_requests_total") for engine in pool_engines]
+    too_long = {"model": V3_MODEL_ID, "messages": MESSAGES, "max_tokens": 10_000}
+    response = post(gateway, too_long)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    huge_enum = {"type": "string", "enum": [f"v{index}" for index in range(5000)]}
+    response = post(gateway, {"model": V3_MODEL_ID, "messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": huge_enum}}})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "grammar_too_large"
+    assert [engine.metric("mistral_serve_requests_total") for engine in pool_engines] == before
