@@ -9,17 +9,34 @@ from dataclasses import dataclass, field
 import os
 from pathlib import Path
 import re
+import shutil
 import signal
 import subprocess
 
 import httpx
 
-from tests.api.servers import CLI, V3_MODEL_ID, _environment, _free_port, wait_until_ready
+from tests.api.servers import (
+    CLI, V3_MODEL_ID, V3_TOKENIZER, V3_VOCAB_SIZE, _environment, _free_port, wait_until_ready,
+)
+from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 from tests.services import stop_process
 
 ENGINE_TOKEN = "engine-shared-token-for-tests"
 ENGINE_ARGS = ("--kv-cache-memory-mb", "64", "--threads", "1")
 HEALTH_INTERVAL_S = 1.0  # the pools' active checks in these tests
+
+
+LONG_CONTEXT = 4096
+
+
+def write_long_v3_checkpoint(directory: Path) -> Path:
+    """A random v0.3-shaped Mistral, wider than the tiny one and with a 4096-token context: a reply of
+    thousands of tokens runs for seconds, long enough to cut it or leave it in the middle."""
+    path, _ = write_hf_checkpoint(directory, tiny_mistral_config(
+        vocab_size=V3_VOCAB_SIZE, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=LONG_CONTEXT))
+    shutil.copyfile(V3_TOKENIZER, path / "tokenizer.model.v3")
+    return path
 
 
 @dataclass
