@@ -41,6 +41,15 @@ test-services:
 bench: install
 	$(PY) bench/engine_bench.py
 
+# What the gateway adds (bench/gateway_overhead.py): one engine loaded straight and through a gateway in
+# front of it, in alternating rounds; flags with BENCH_GATEWAY_ARGS="--concurrency 1,8 --rounds 10".
+BENCH_GATEWAY_ARGS ?=
+
+.PHONY: bench-gateway
+
+bench-gateway: install
+	$(PY) bench/gateway_overhead.py $(BENCH_GATEWAY_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache src/mistral_serve/model/cpu/_kernels*.so
 

@@ -75,6 +75,7 @@ class Launch:
     api_key: str | None = None
     ready_path: str = "/v1/models"
     note: str = ""
+    env: dict = field(default_factory=dict)  # set in the server's environment, after ours is cleared of MISTRAL_SERVE_*
 
 
 def launch_llama_cpp_python(setup: Setup, port: int) -> Launch | str:
@@ -163,6 +164,7 @@ def running(name: str, launch: Launch, port: int, threads: int, log_path: Path) 
     """The server, started and answering its ready path; stopped on exit."""
     environ = {key: value for key, value in os.environ.items() if not key.startswith("MISTRAL_SERVE_")}
     environ["OMP_NUM_THREADS"] = str(threads)  # torch's thread count, for the servers that take no flag for it
+    environ.update(launch.env)
     with log_path.open("w") as log:
         process = subprocess.Popen(launch.command, stdout=log, stderr=subprocess.STDOUT, env=environ)
         try:

@@ -145,6 +145,14 @@ def _carries_output(delta: dict) -> bool:
 # one level
 
 async def run_level(target: Target, workload: Workload, level: dict, prompts: list[list[dict]]) -> dict:
+    results, duration = await send_level(target, workload, level, prompts)
+    return {**level, **summarize(results, duration, workload.output_tokens)}
+
+
+async def send_level(target: Target, workload: Workload, level: dict,
+                     prompts: list[list[dict]]) -> tuple[list[RequestResult], float]:
+    """Every prompt sent at the level's concurrency or rate: each request's result, and the seconds
+    from the first request sent to the last one done."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(workload.timeout_s, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -154,8 +162,7 @@ async def run_level(target: Target, workload: Workload, level: dict, prompts: li
         else:
             rng = random.Random(f"{workload.seed}:arrivals:{level['request_rate']}")
             results = await _open_loop(client, target, workload, prompts, level["request_rate"], rng)
-    duration = max(r.done_at for r in results) - started
-    return {**level, **summarize(results, duration, workload.output_tokens)}
+    return results, max(r.done_at for r in results) - started
 
 
 async def _closed_loop(client, target, workload, prompts, concurrency: int) -> list[RequestResult]:
