@@ -19,6 +19,7 @@ from mistral_serve.settings import ANY_ADDRESS, LOOPBACK_NAMES, Settings
 log = logging.getLogger(__name__)
 
 ENGINE_PORT = 8001
+ENGINE_KEEP_ALIVE_S = 75
 ENGINE_TOKEN_VARIABLE = "MISTRAL_SERVE_ENGINE_TOKEN"
 
 
@@ -161,7 +162,8 @@ def run_engine(args: argparse.Namespace) -> int:
     log_requests()
     token = engine_token(args.token_file, settings.host)
     engines = load_engines(settings, args.models)
-    return run_app(create_engine_app(settings, engines, token), settings, engines)
+    # a gateway keeps its connections to the engine for seconds between requests: hold them longer than it
+    return run_app(create_engine_app(settings, engines, token), settings, engines, keep_alive_s=ENGINE_KEEP_ALIVE_S)
 
 
 def load_pools(args: argparse.Namespace, settings: Settings) -> dict:
@@ -223,7 +225,7 @@ def load_engines(settings: Settings, model_flags: list[str]) -> dict:
     return engines
 
 
-def run_app(app, settings: Settings, engines: dict) -> int:
+def run_app(app, settings: Settings, engines: dict, keep_alive_s: float = 5) -> int:
     """`app` under uvicorn with a graceful shutdown (api/server.py), until a signal stops it."""
     import uvicorn
 
@@ -231,7 +233,8 @@ def run_app(app, settings: Settings, engines: dict) -> int:
 
     # uvicorn would believe X-Forwarded-* from 127.0.0.1 (or $FORWARDED_ALLOW_IPS) unless told: only the named proxies
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=ABORT_GRACE_S, proxy_headers=bool(settings.forwarded_allow_ips),
+                            timeout_keep_alive=keep_alive_s, timeout_graceful_shutdown=ABORT_GRACE_S,
+                            proxy_headers=bool(settings.forwarded_allow_ips),
                             forwarded_allow_ips=list(settings.forwarded_allow_ips))
     try:
         GracefulServer(config, app.state.serving).run()

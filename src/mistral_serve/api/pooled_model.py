@@ -58,6 +58,7 @@ class PooledModel(ModelClient):
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
         self._is_max_model_len_given = is_max_model_len_given
+        self._discovery: asyncio.Task | None = None
         self._abort_reason: str | None = None
         self._open_streams: set = set()
         self._aborted: set = set()  # streams `abort_all` closed
@@ -137,11 +138,20 @@ class PooledModel(ModelClient):
         return None
 
     async def start(self) -> None:
-        if not self._is_max_model_len_given and (length := await discover_max_model_len(self.pool.spec)):
-            self._max_model_len = length
         await self.pool.start()
+        if not self._is_max_model_len_given:
+            self._discovery = asyncio.create_task(self._learn_max_model_len(), name=f"context of {self.model_id}")
+
+    async def _learn_max_model_len(self) -> None:
+        """Ask the upstreams their context length until one says: one still starting says nothing yet,
+        and until then a request could be let through that is too long for it."""
+        while (length := await discover_max_model_len(self.pool.spec)) is None:
+            await asyncio.sleep(self.pool.spec.health_interval_s)
+        self._max_model_len = length
 
     async def shutdown(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
         self.abort_all("the server is shutting down")
         await self.pool.close()
 

@@ -32,6 +32,7 @@ __all__ = ["NoHealthyUpstreamError", "UpstreamBrokenError", "UpstreamMisconfigur
 
 logger = logging.getLogger(__name__)
 
+KEEPALIVE_EXPIRY_S = 2.0
 MAX_REFUSAL_BYTES = 64 * 1024  # of a refusal's body relayed to the client; past it, the body is dropped
 
 
@@ -52,8 +53,10 @@ class UpstreamPool:
                          for upstream in spec.upstreams]
         self._is_own_http = http is None
         # no bound on connections: the gateway's admission bounds the requests in flight
-        self._http = http or httpx.AsyncClient(limits=httpx.Limits(max_connections=None,
-                                                                   max_keepalive_connections=None))
+        # idle connections are dropped well before a server drops them (uvicorn: after 5 s), so a request
+        # never goes out on a connection the upstream is closing at that moment
+        self._http = http or httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None,
+                                                                   keepalive_expiry=KEEPALIVE_EXPIRY_S))
         self._stream_timeout = httpx.Timeout(spec.read_timeout_s, connect=spec.connect_timeout_s)
         self._health_checks: asyncio.Task | None = None
 

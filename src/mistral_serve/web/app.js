@@ -76,7 +76,8 @@ class App {
     }
     if (!this.models.some((m) => m.id === this.state.model)) this.state.model = this.models[0]?.id || "";
     $("#model").replaceChildren(...this.models.map((m) =>
-      h("option", { value: m.id, selected: m.id === this.state.model }, m.display_name ? `${m.id}` : m.id)));
+      h("option", { value: m.id, selected: m.id === this.state.model, title: servedBy(m) },
+        m.pool ? `${m.id} · pool of ${m.pool.upstreams.length}` : m.id)));
     this.fitParams(this.state);
     for (const pane of this.state.panes) this.fitParams(pane);
     this.workbench.renderParams();
@@ -139,3 +140,10 @@ class App {
 }
 
 window.addEventListener("DOMContentLoaded", () => { window.app = new App(); });
+
+// What serves a model, for its option's tooltip: the engine in the server's process, or a pool's upstreams.
+function servedBy(model) {
+  if (!model.pool) return model.backend ? `in this server: ${model.backend.device}, ${model.backend.dtype}` : "";
+  const upstreams = model.pool.upstreams.map((u) => `${u.name} (${u.state})`).join(", ");
+  return `a pool (${model.pool.policy}): ${upstreams}`;
+}
