@@ -17,7 +17,7 @@ import pytest
 from tests.api.conftest import bearer
 from tests.api.servers import V3_MODEL_ID, mistral_serve
 from tests.pools.cluster import (
-    ENGINE_TOKEN, HEALTH_INTERVAL_S, TOKEN_VARIABLE, engines, pools_file, write_long_v3_checkpoint,
+    ENGINE_TOKEN, HEALTH_INTERVAL_S, LONG_CONTEXT, TOKEN_VARIABLE, engines, pools_file, write_long_v3_checkpoint,
 )
 from tests.services import ServiceUnavailable
 from tests.upstream.smg import smg_router
@@ -43,7 +43,7 @@ def cluster(request, tmp_path_factory, long_v3):
                 pytest.skip(str(error))
             pools = work / "pools.yaml"
             pools.write_text(json.dumps({"models": [{  # JSON is YAML
-                "id": V3_MODEL_ID, "health_interval_s": HEALTH_INTERVAL_S, "upstreams": [
+                "id": V3_MODEL_ID, "health_interval_s": HEALTH_INTERVAL_S, "max_model_len": LONG_CONTEXT, "upstreams": [
                     {"url": router, "name": "smg", "token_env": TOKEN_VARIABLE, "health_path": "/readiness"}]}]}))
         (work / "gateway").mkdir()
         gateway = stack.enter_context(mistral_serve(work / "gateway", "--pools-file", str(pools)))

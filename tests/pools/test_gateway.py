@@ -5,6 +5,7 @@ the gateway's."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 import json
 
 import httpx
@@ -12,9 +13,11 @@ from openai import OpenAI
 import pytest
 
 from tests.api.conftest import bearer, sse_events
-from tests.api.servers import V3_MODEL_ID, mistral_serve
+from tests.api.servers import TINY_CONTEXT_LENGTH, V3_MODEL_ID, mistral_serve
 from tests.api.examples import OPENAI_STYLE, OXEN_MODEL, OXEN_STYLE, OXEN_STYLE_STREAM, run_example
-from tests.pools.cluster import ENGINE_TOKEN, engines, upstream_flags
+from tests.pools.cluster import ENGINE_TOKEN, TOKEN_VARIABLE, engines, upstream_flags
+from tests.services import ServiceUnavailable
+from tests.upstream.smg import smg_router
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -42,10 +45,25 @@ def pool_engines(tmp_path_factory, tiny_v3):
         yield started
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, pool_engines):
-    with mistral_serve(tmp_path_factory.mktemp("gateway"), *upstream_flags(pool_engines)) as server:
-        yield server
+@pytest.fixture(scope="module", params=["direct", "through smg"])
+def gateway(request, tmp_path_factory, pool_engines):
+    """The gateway, its pool of the two engines, or of smg in front of them (smg's one upstream)."""
+    work = tmp_path_factory.mktemp("gateway")
+    with ExitStack() as stack:
+        if request.param == "direct":
+            flags = upstream_flags(pool_engines)
+        else:
+            try:
+                router = stack.enter_context(smg_router([engine.origin for engine in pool_engines],
+                                                        worker_token=ENGINE_TOKEN, log_path=work / "smg.log"))
+            except ServiceUnavailable as error:
+                pytest.skip(str(error))
+            pools = work / "pools.yaml"  # JSON is YAML; smg does not say the engines' context length: we do
+            pools.write_text(json.dumps({"models": [{"id": V3_MODEL_ID, "max_model_len": TINY_CONTEXT_LENGTH,
+                                                     "upstreams": [{"url": router, "name": "smg", "token_env": TOKEN_VARIABLE,
+                                                                    "health_path": "/readiness"}]}]}))
+            flags = ["--pools-file", str(pools)]
+        yield stack.enter_context(mistral_serve(work, *flags))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +140,8 @@ def test_the_provider_examples_run_verbatim_through_the_pool(gateway, in_process
     model = eval(run_example(OXEN_MODEL, gateway.url, gateway.key))
     assert model["id"] == "open-mistral-7b" and model["backend"] is None
     assert model["pool"]["policy"] == "prefix_affinity"
-    assert [member["name"] for member in model["pool"]["upstreams"]] == ["engine0", "engine1"]
+    names = [member["name"] for member in model["pool"]["upstreams"]]
+    assert names == (["smg"] if names == ["smg"] else ["engine0", "engine1"])
     assert model["context_length"] == 512  # what the engines serve, learnt from them
 
 

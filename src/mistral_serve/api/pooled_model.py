@@ -143,11 +143,19 @@ class PooledModel(ModelClient):
             self._discovery = asyncio.create_task(self._learn_max_model_len(), name=f"context of {self.model_id}")
 
     async def _learn_max_model_len(self) -> None:
-        """Ask the upstreams their context length until one says: one still starting says nothing yet,
-        and until then a request could be let through that is too long for it."""
-        while (length := await discover_max_model_len(self.pool.spec)) is None:
+        """Ask the upstreams their context length until one answers: one still starting says nothing
+        yet, and until then a request could be let through that is too long for it."""
+        while True:
+            length, num_answered = await discover_max_model_len(self.pool.spec)
+            if length is not None:
+                self._max_model_len = length
+                return
+            if num_answered:  # they answer, and keep it to themselves (a router): the operator must say
+                logger.warning("pool %s: its upstreams do not say their context length; serving up to %d "
+                               "tokens: set max_model_len in the pools file if theirs is shorter", self.model_id,
+                               self._max_model_len)
+                return
             await asyncio.sleep(self.pool.spec.health_interval_s)
-        self._max_model_len = length
 
     async def shutdown(self) -> None:
         if self._discovery is not None:

@@ -14,11 +14,11 @@ logger = logging.getLogger(__name__)
 _CONTEXT_FIELDS = ("context_length", "max_model_len")
 
 
-async def discover_max_model_len(spec: PoolSpec) -> int | None:
+async def discover_max_model_len(spec: PoolSpec) -> tuple[int | None, int]:
     """The smallest context length the upstreams that answer report for the model (`GET {url}/models`),
-    so that no request the gateway lets through is too long for the upstream it reaches; None when
-    none says."""
-    lengths = []
+    so that no request the gateway lets through is too long for the upstream it reaches (None when
+    none says), and how many answered at all (a router such as smg answers without one)."""
+    lengths, num_answered = [], 0
     async with httpx.AsyncClient(timeout=httpx.Timeout(spec.health_timeout_s, connect=spec.connect_timeout_s)) as http:
         for upstream in spec.upstreams:
             headers = {"Authorization": f"Bearer {upstream.token}"} if upstream.token else {}
@@ -30,11 +30,12 @@ async def discover_max_model_len(spec: PoolSpec) -> int | None:
                 logger.warning("pool %s: %s did not say its context length (%s)", spec.model_id, upstream.name,
                                type(error).__name__)
                 continue
+            num_answered += 1
             name = upstream.model or spec.model_id
             for model in models:
                 if isinstance(model, dict) and model.get("id") == name and (length := _context_length(model)):
                     lengths.append(length)
-    return min(lengths) if lengths else None
+    return (min(lengths) if lengths else None), num_answered
 
 
 def _context_length(model: dict) -> int | None:
