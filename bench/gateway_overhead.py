@@ -75,6 +75,16 @@ def launch_gateway(engine_port: int, port: int, data_dir: Path, token: str) -> L
                   MODEL, {"ignore_eos": True}, _create_key(data_dir), "/ready", env={TOKEN_VARIABLE: token})
 
 
+def pinned(engine: Launch, gateway: Launch) -> tuple[Launch, Launch]:
+    """The engine on the first core, the gateway and this process (the load generator) on the second."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--pin needs two cores")
+    os.sched_setaffinity(0, {cores[1]})
+    return (replace(engine, command=["taskset", "-c", str(cores[0]), *engine.command]),
+            replace(gateway, command=["taskset", "-c", str(cores[1]), *gateway.command]))
+
+
 def _cpu_s(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
@@ -197,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_flags(parser, DEFAULT_WORKLOAD)
     parser.add_argument("--output", "--out", type=Path, default=RESULTS_DIR / "gateway_overhead.json",
                         help="JSON report (default %(default)s)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the engine on the first core, the gateway and this load generator on the second (with "
+                             "taskset; needs 2 cores): the gateway no longer takes its CPU time from the engine's")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (their folder is printed)")
     return parser
 
@@ -213,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = machine_load()
     with ExitStack() as servers:
         engine_launch = launch_engine(args.model_source, args.threads, engine_port, token)
+        gateway_launch = launch_gateway(engine_port, gateway_port, work_dir / "gateway-data", token)
+        if args.pin:
+            engine_launch, gateway_launch = pinned(engine_launch, gateway_launch)
         engine = servers.enter_context(running("engine", engine_launch, engine_port, args.threads,
                                                work_dir / "engine.log"))
-        gateway_launch = launch_gateway(engine_port, gateway_port, work_dir / "gateway-data", token)
         gateway = servers.enter_context(running("gateway", gateway_launch, gateway_port, 1, work_dir / "gateway.log"))
         targets = {"engine": Target("engine", f"http://127.0.0.1:{engine_port}/v1", MODEL, token,
                                     engine_launch.extra_body, engine.pid),
@@ -230,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             levels.append(measure_level(targets, workload, level, args.rounds, first_prompt))
             first_prompt += args.rounds * workload.num_requests_at(level)
             print(f"{level['concurrency']} client(s): {time.monotonic() - started:.0f} s", flush=True)
-    shared = (f"the engine ({args.threads} thread(s)), the gateway and this load generator shared this machine's "
+    shared = ("pinned: the engine on one core, the gateway and this load generator on the other" if args.pin else
+              f"the engine ({args.threads} thread(s)), the gateway and this load generator shared this machine's "
               f"{len(os.sched_getaffinity(0))} cores: the gateway's CPU time is taken from the engine's, which "
               "inflates both overheads against a gateway on a machine of its own")
     report = {"benchmark": "gateway_overhead", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
