@@ -9,12 +9,16 @@ so the engine's fair scheduling sees the gateway's tenants rather than one clien
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 from starlette.requests import Request
 
 from mistral_serve.api.admission import GenerationEnd
+
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 TENANT_HEADER = "x-mistral-serve-tenant"  # set by the gateway: "account/key"
@@ -35,6 +39,7 @@ class EngineTicket:
         given_tenant = request.headers.get(TENANT_HEADER, "")
         self.tenant = given_tenant if _SAFE_ID.fullmatch(given_tenant) else "gateway"
         self.end: GenerationEnd | None = None
+        self._started = time.perf_counter()
         self._requests = requests
         self._is_kept_open = False
         self._is_closed = False
@@ -64,9 +69,15 @@ class EngineTicket:
         return self
 
     def close(self, error: BaseException | None = None) -> None:
-        if not self._is_closed:
-            self._is_closed = True
-            self._requests.total -= 1
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self._requests.total -= 1
+        end = self.end
+        if end is not None:  # one line per request that reached the model, as the gateway logs its own
+            logger.info("%s tenant %s: %s %d, %d prompt + %d completion tokens, %.0f ms", self.request_id,
+                        self.tenant, end.status, end.http_status, end.num_prompt_tokens, end.num_completion_tokens,
+                        (time.perf_counter() - self._started) * 1000)
 
     async def __aenter__(self) -> EngineTicket:
         return self
