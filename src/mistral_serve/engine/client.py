@@ -1,8 +1,8 @@
-"""EngineClient: all that the API sees of an engine — the in-process AsyncEngine, or later a remote
-pool, behind the same small surface (vLLM's EngineClient in spirit).
+"""EngineClient: all that the API sees of the engine in its process (AsyncEngine), behind a small
+surface (vLLM's EngineClient in spirit); api/local_model.py makes it the chat path's ModelClient, whose
+other implementation is a pool of remote upstreams (api/pooled_model.py).
 
-This module is light on purpose (no torch, no model): the API imports it, and a remote pool will
-implement it without loading a model.
+This module is light on purpose (no torch, no model): the API and the gateway import it.
 """
 
 from __future__ import annotations
