@@ -1,6 +1,7 @@
 """`mistral-serve serve` with a checkpoint it cannot load: one clear line and exit code 2, no traceback."""
 
 import logging
+import os
 import subprocess
 
 import pytest
@@ -59,3 +60,28 @@ def test_serve_warns_when_it_listens_everywhere_but_answers_loopback_names_only(
                       Settings(host="::", allowed_hosts="api.example.com")):
             may_warn_of_refused_hosts(quiet)
         assert caplog.records == []
+
+
+def run_cli(tmp_path, *args: str, environ: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("MISTRAL_SERVE_")}, **(environ or {})}
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environ)
+
+
+def test_an_engine_off_loopback_without_a_token_refuses_to_start(tmp_path):
+    done = run_cli(tmp_path, "engine", "--host", "0.0.0.0", "--port", "1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "needs a token" in done.stderr and "MISTRAL_SERVE_ENGINE_TOKEN" in done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--upstream", "x=ftp://host/v1"], "http or https"),
+    (["--upstream", "x=http://h:1/v1,token=secret"], "token"),
+    (["--pools-file", "pools.json"], ".yaml, .yml or .toml"),
+    (["--upstream", "mistralai/Mistral-7B-Instruct-v0.1=http://h:1/v1"], "name its tokenizer"),
+])
+def test_a_bad_pool_is_one_clear_error(tmp_path, flags, message):
+    (tmp_path / "pools.json").write_text("{}")
+    done = run_cli(tmp_path, "serve", *flags, "--port", "1", "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert "secret" not in done.stderr  # a mistyped token is never echoed
