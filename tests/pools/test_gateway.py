@@ -136,9 +136,11 @@ def test_the_provider_examples_run_verbatim_through_the_pool(gateway, in_process
         pooled = eval(run_example(example, gateway.url, gateway.key))  # the example prints r.json()
         openai_schema("CreateChatCompletionResponse", pooled)
         local = eval(run_example(example, in_process.url, in_process.key))
-        # no seed in the examples: the text differs, the metering and the way it ended do not
-        assert without_ids(pooled)["usage"] == without_ids(local)["usage"]
-        assert pooled["choices"][0]["finish_reason"] == local["choices"][0]["finish_reason"]
+        # no seed in the examples: the text, its length and how it ended may differ; the prompt may not
+        usage = pooled["usage"]
+        assert usage["prompt_tokens"] == local["usage"]["prompt_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] <= TINY_CONTEXT_LENGTH
+        assert pooled["choices"][0]["finish_reason"] in ("stop", "length")
     lines = run_example(OXEN_STYLE_STREAM, gateway.url, gateway.key).splitlines()
     assert lines[-1] == "data: [DONE]" and len(lines) > 2
     model = eval(run_example(OXEN_MODEL, gateway.url, gateway.key))
