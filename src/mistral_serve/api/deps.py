@@ -48,14 +48,17 @@ class ServingState:
                              max_usage_backlog_mb=self.settings.max_usage_backlog_mb)
 
 
-def get_serving_state(request: Request) -> ServingState:
+# dependencies that neither block nor wait are `async def`: FastAPI runs a plain `def` one in its thread
+# pool, a round trip of a thread each request pays before its route runs
+
+async def get_serving_state(request: Request) -> ServingState:
     return request.app.state.serving
 
 
 State = Annotated[ServingState, Depends(get_serving_state)]
 
 
-def require_ready(state: State) -> None:
+async def require_ready(state: State) -> None:
     if not state.is_ready:
         raise APIError(503, "The server is starting or stopping; try again shortly.",
                        headers={"Retry-After": RETRY_AFTER_SECONDS})

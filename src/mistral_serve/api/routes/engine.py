@@ -32,9 +32,10 @@ def engine_state(request: Request):
     return request.app.state.serving
 
 
-def require_token(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """The caller holds the engine's shared token (compared in constant time); 401 otherwise."""
+async def require_token(request: Request,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """The caller holds the engine's shared token (compared in constant time); 401 otherwise. `async`,
+    as it neither blocks nor waits: no thread-pool round trip per request."""
     token = engine_state(request).token
     if token is None:
         return
@@ -44,7 +45,7 @@ def require_token(request: Request,
                        type="invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_ready(request: Request) -> None:
+async def require_ready(request: Request) -> None:
     if not engine_state(request).is_ready:
         raise APIError(503, "The engine is starting or stopping; try again shortly.",
                        headers={"Retry-After": RETRY_AFTER_SECONDS})
