@@ -140,15 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     from mistral_serve.api.app import create_app
+    from mistral_serve.catalog import parse_model_spec
 
     settings = settings_from(args)
     log_requests()
     db = open_database(settings)
     pooled = load_pools(args, settings)
+    # before any weights load: an id is served by this process or by a pool, not both
+    if both := {parse_model_spec(spec)[0] for spec in args.models} & pooled.keys():
+        raise ValueError(f"{', '.join(sorted(both))}: given both as --model and as a pool")
     # a gateway in front of pools runs no engine of its own unless told to with --model
     engines = load_engines(settings, args.models) if args.models or not pooled else {}
-    for model_id in engines.keys() & pooled.keys():
-        raise ValueError(f"{model_id} is given both as --model and as a pool")
     app = create_app(settings, {**engines, **pooled}, db)
     may_warn_of_refused_hosts(settings)
     describe_signup(settings, db)

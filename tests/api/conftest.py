@@ -3,16 +3,13 @@ apps, a live server, and OpenAI's published schemas to check what we send."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 import shutil
-import threading
 import time
 
 from fastapi.testclient import TestClient
 import jsonschema
 import pytest
-import uvicorn
 import yaml
 
 from mistral_serve.api.app import create_app
@@ -27,6 +24,7 @@ from mistral_serve.engine.engine import EngineConfig, LLMEngine
 from mistral_serve.settings import Settings
 from mistral_serve.tokenizer import ChatTemplateError
 from tests.api.servers import V3_TOKENIZER
+from tests.app_server import serving as serve_in_thread
 from tests.checkpoints import tiny_mistral_config, write_hf_checkpoint
 from tests.conftest import database_url_for
 from tests.engine.helpers import ByteTokenizer
@@ -117,25 +115,11 @@ def client(app, api_key):
         yield client
 
 
-@contextmanager
 def serving(app, *, is_started: bool = False):
     """`app` under a real uvicorn on a free loopback port, in a thread: yields its base URL. As `serve`
     runs it by default, X-Forwarded-* headers are believed from no one. `is_started`: the app runs
     already (in a TestClient): serve it as it is, without starting or stopping it again."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", proxy_headers=False,
-                                           lifespan="off" if is_started else "auto"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return serve_in_thread(app, log_level="warning", proxy_headers=False, lifespan="off" if is_started else "auto")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from pathlib import Path
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
+import time
 
 import httpx
 
@@ -117,3 +119,32 @@ def pools_file(path: Path, started: list[Engine], model_id: str = V3_MODEL_ID, *
                           for engine in started]}
     path.write_text(yaml.safe_dump({"models": [pool]}))
     return path
+
+
+def events_of(lines) -> list[str]:
+    """The data of each Server-Sent Event among `lines`."""
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+def running_on(servers, timeout_s: float):
+    """The one server (anything with `metric()`) that has a request running: the one a stream went to."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = [server for server in servers if server.metric("vllm:num_requests_running") > 0]
+        if len(busy) == 1:
+            return busy[0]
+        time.sleep(0.05)
+    raise AssertionError("no single server runs the stream")
+
+
+def usage_row(database: Path, request_id: str) -> dict:
+    """The gateway's usage row of a request, once its writer has written it (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with sqlite3.connect(database) as connection:
+            connection.row_factory = sqlite3.Row
+            row = connection.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,)).fetchone()
+        if row is not None:
+            return dict(row)
+        time.sleep(0.2)
+    raise AssertionError(f"no usage row for {request_id}")

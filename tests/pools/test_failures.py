@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 import json
-import sqlite3
 import time
 import uuid
 
@@ -17,7 +16,8 @@ import pytest
 from tests.api.conftest import bearer
 from tests.api.servers import V3_MODEL_ID, mistral_serve
 from tests.pools.cluster import (
-    ENGINE_TOKEN, HEALTH_INTERVAL_S, LONG_CONTEXT, TOKEN_VARIABLE, engines, pools_file, write_long_v3_checkpoint,
+    ENGINE_TOKEN, HEALTH_INTERVAL_S, LONG_CONTEXT, TOKEN_VARIABLE, engines, events_of, pools_file, running_on,
+    usage_row, write_long_v3_checkpoint,
 )
 from tests.services import ServiceUnavailable
 from tests.upstream.smg import smg_router
@@ -66,33 +66,6 @@ def open_stream(gateway, body: dict) -> tuple[httpx.Client, httpx.Response]:
     return client, client.send(request, stream=True)
 
 
-def events_of(lines) -> list:
-    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-
-
-def running_on(started):
-    """The engine that has a request running (the one the stream went to)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        busy = [engine for engine in started if engine.metric("vllm:num_requests_running") > 0]
-        if len(busy) == 1:
-            return busy[0]
-        time.sleep(0.05)
-    raise AssertionError("no single engine runs the stream")
-
-
-def usage_row(database, request_id: str) -> dict:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with sqlite3.connect(database) as connection:
-            connection.row_factory = sqlite3.Row
-            row = connection.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,)).fetchone()
-        if row is not None:
-            return dict(row)
-        time.sleep(0.2)
-    raise AssertionError(f"no usage row for {request_id}")
-
-
 def test_a_client_that_leaves_frees_the_upstreams_kv_blocks_at_once(cluster):
     gateway, started, _, _ = cluster
     client, response = open_stream(gateway, chat_body("Tell me a long story.", **LONG_REPLY))
@@ -100,7 +73,7 @@ def test_a_client_that_leaves_frees_the_upstreams_kv_blocks_at_once(cluster):
     for line in lines:  # past the role chunk: tokens are being generated
         if '"content": "' in line and '"role"' not in line:
             break
-    engine = running_on(started)
+    engine = running_on(started, timeout_s=10)
     assert engine.metric("mistral_serve_kv_blocks_used") > 0
     response.close()
     client.close()
@@ -122,7 +95,7 @@ def test_an_engine_killed_mid_stream(cluster):
     received = []
     while len(received) < 6:
         received += events_of([next(lines)])
-    victim = running_on(started)
+    victim = running_on(started, timeout_s=10)
     victim.kill()
     received += events_of(lines)  # to the end: the stream must end, with an error event before [DONE]
     client.close()

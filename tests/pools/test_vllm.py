@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 import signal
-import sqlite3
 import subprocess
 import time
 
@@ -25,7 +24,9 @@ import pytest
 from mistral_serve.catalog import DEMO_MODEL_ID
 from tests.api.conftest import bearer, sse_events
 from tests.api.servers import _free_port, mistral_serve, wait_until_ready
-from tests.pools.cluster import ENGINE_TOKEN, HEALTH_INTERVAL_S, TOKEN_VARIABLE
+from tests.pools.cluster import (
+    ENGINE_TOKEN, HEALTH_INTERVAL_S, TOKEN_VARIABLE, events_of, running_on, usage_row,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -148,23 +149,13 @@ def long_stream(gateway, **stream_options):
             yield response
 
 
-def running_on(servers) -> VLLMServer:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        busy = [server for server in servers if server.metric("vllm:num_requests_running") > 0]
-        if len(busy) == 1:
-            return busy[0]
-        time.sleep(0.1)
-    raise AssertionError("no single vLLM server runs the stream")
-
-
 def test_a_client_that_leaves_stops_the_vllm_request(gateway, vllm_servers):
     with long_stream(gateway) as response:
         lines = response.iter_lines()
         for line in lines:
             if '"content": "' in line and '"role"' not in line:
                 break
-        server = running_on(vllm_servers)
+        server = running_on(vllm_servers, timeout_s=30)
     left_at = time.monotonic()
     while server.metric("vllm:num_requests_running") > 0:
         assert time.monotonic() - left_at < 10, "vLLM still runs the request of a client that left"
@@ -177,28 +168,17 @@ def test_a_vllm_server_killed_mid_stream(gateway, vllm_servers):
         lines = response.iter_lines()
         received = []
         while len(received) < 6:
-            line = next(lines)
-            if line.startswith("data: "):
-                received.append(line.removeprefix("data: "))
-        victim = running_on(vllm_servers)
+            received += events_of([next(lines)])
+        victim = running_on(vllm_servers, timeout_s=30)
         victim.kill()
-        received += [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        received += events_of(lines)
     assert received[-1] == "[DONE]"
     *chunks, error = [json.loads(event) for event in received[:-1]]
     assert error["error"]["code"] == "upstream_failed"
     delivered = chunks[-1]["usage"]["completion_tokens"]
     database = Path(gateway.process.args[gateway.process.args.index("--data-dir") + 1]) / "mistral-serve.db"
-    deadline = time.monotonic() + 20
-    while (row := _row(database, chunks[0]["id"])) is None:
-        assert time.monotonic() < deadline, "no usage row"
-        time.sleep(0.2)
-    assert (row[0], row[1]) == (delivered, "cut")
+    row = usage_row(database, chunks[0]["id"])
+    assert (row["completion_tokens"], row["finish_reason"]) == (delivered, "cut")
     for index in range(20):  # the other server takes everything now
         assert post(gateway, max_tokens=2, messages=[{"role": "user", "content": f"Hi {index}"}]).status_code == 200
     victim.start()  # back, for whatever runs after
-
-
-def _row(database: Path, request_id: str):
-    with sqlite3.connect(database) as connection:
-        return connection.execute("SELECT completion_tokens, finish_reason FROM usage WHERE request_id = ?",
-                                  (request_id,)).fetchone()

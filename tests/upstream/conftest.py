@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 import json
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 
 from mistral_serve.upstream.config import PoolSpec, UpstreamSpec
 from mistral_serve.upstream.member import MemberStatus
 from mistral_serve.upstream.pool import UpstreamPool
+from tests.app_server import serving as serve_in_thread
 
 
 @pytest.fixture
@@ -117,23 +116,9 @@ async def send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-@contextmanager
 def serving(app):
     """`app` under a real uvicorn on a free loopback port, in a thread: yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None,
-                                           log_level="critical", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return serve_in_thread(app, lifespan="off", log_config=None, log_level="critical", timeout_graceful_shutdown=2)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ fixture says: the engines' token is smg's key, which clients send and smg passes
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 import itertools
 import json
 import threading
@@ -16,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 import httpx
 import pytest
-import uvicorn
 
+from tests.app_server import serving as serve_in_thread
 from tests.services import ServiceFailed, free_port
 from tests.upstream.smg import smg_executable, smg_router
 
@@ -86,23 +85,9 @@ def fake_engine(name: str, requests: list[dict]) -> FastAPI:
     return app
 
 
-@contextmanager
-def serving(app, port: int = 0) -> Iterator[str]:
-    """`app` under a real uvicorn on a loopback port (a free one by default), in a thread: yields its
-    base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+def serving(app, port: int = 0):
+    """`app` under a real uvicorn on a loopback port (a free one by default), in a thread."""
+    return serve_in_thread(app, port=port, log_level="warning")
 
 
 @pytest.fixture(scope="module")

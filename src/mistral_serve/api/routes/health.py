@@ -27,8 +27,8 @@ async def ready(state: State, _: Ready) -> dict:
     return {"status": "ready", "models": [model.id for model in state.catalog],
             "backends": {model.id: model.client.backend.as_dict() for model in state.catalog
                          if model.client.backend is not None},
-            "upstreams": {model.id: [asdict(member) for member in model.client.upstreams()]
-                          for model in state.catalog if model.client.upstreams()},
+            "upstreams": {model.id: [asdict(member) for member in members]
+                          for model in state.catalog if (members := model.client.upstreams())},
             "database": "reachable" if state.usage.is_database_reachable else "unreachable",
             "usage_backlog_bytes": await asyncio.to_thread(state.usage.backlog_bytes)}
 
