@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 import json
+from pathlib import Path
 
 import httpx
 from openai import OpenAI
 import pytest
 
 from tests.api.conftest import bearer, sse_events
-from tests.api.servers import TINY_CONTEXT_LENGTH, V3_MODEL_ID, mistral_serve
+from tests.api.servers import TINY_CONTEXT_LENGTH, V3_MODEL_ID, create_key, mistral_serve
 from tests.api.examples import OPENAI_STYLE, OXEN_MODEL, OXEN_STYLE, OXEN_STYLE_STREAM, run_example
 from tests.pools.cluster import ENGINE_TOKEN, TOKEN_VARIABLE, engines, upstream_flags
 from tests.services import ServiceUnavailable
@@ -187,4 +188,15 @@ def test_bad_requests_are_refused_by_the_gateway_before_they_travel(gateway, poo
     response = post(gateway, {"model": V3_MODEL_ID, "messages": MESSAGES, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": huge_enum}}})
     assert response.status_code == 400 and response.json()["error"]["code"] == "grammar_too_large"
+    assert [engine.metric("mistral_serve_requests_total") for engine in pool_engines] == before
+
+
+def test_a_key_over_its_limit_is_refused_before_anything_travels(gateway, pool_engines):
+    data_dir = Path(gateway.process.args[gateway.process.args.index("--data-dir") + 1])
+    small = create_key(data_dir, None, "--tpm", "50", email="small@example.com", name="small")
+    before = [engine.metric("mistral_serve_requests_total") for engine in pool_engines]
+    response = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer(small), timeout=60,
+                          json={"model": V3_MODEL_ID, "messages": MESSAGES, "max_tokens": 200})
+    assert response.status_code == 429, response.text
+    assert "x-ratelimit-limit-tokens" in response.headers
     assert [engine.metric("mistral_serve_requests_total") for engine in pool_engines] == before
